@@ -1,0 +1,89 @@
+"""The shapes every aggregation rule and pre-aggregator takes (optax style).
+
+A builder such as `krum(f=3)` checks its static arguments and returns a NamedTuple of
+pure functions. `init(grads)` makes the state from an example (n, d) array (an empty
+tuple for stateless rules); `update(grads, state, params)` returns the aggregate and the
+new state. `params` is a pytree of the rule's sweepable hyperparameters (floats such as
+a clipping radius), so one compiled program can `jax.vmap` over them; static counts
+(n, f, m, iterations) are fixed when the rule is built or traced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+
+from byzjax._numerics import compute_dtype
+
+State = Any
+Params = Any
+
+
+class Aggregator(NamedTuple):
+    """A robust aggregation rule: (n, d) -> (d,).
+
+    Attributes:
+      init: `init(grads[n, d]) -> state`.
+      update: `update(grads[n, d], state, params) -> (aggregate[d], state)`.
+      default_params: the sweepable hyperparameters the builder was given.
+    """
+
+    init: Callable[[jax.Array], State]
+    update: Callable[[jax.Array, State, Params], tuple[jax.Array, State]]
+    default_params: Params = ()
+
+
+class PreAggregator(NamedTuple):
+    """A pre-aggregator: (n, d) -> (n', d), applied before a rule.
+
+    Attributes:
+      init: `init(grads[n, d]) -> state`.
+      update: `update(grads[n, d], state, params) -> (mixed[n', d], state)`.
+      default_params: the sweepable hyperparameters the builder was given.
+      n_out: `n_out(n) -> n'`, the number of rows handed to the next stage.
+    """
+
+    init: Callable[[jax.Array], State]
+    update: Callable[[jax.Array, State, Params], tuple[jax.Array, State]]
+    default_params: Params = ()
+    n_out: Callable[[int], int] = lambda n: n
+
+
+def _no_state(grads: jax.Array) -> tuple:
+    del grads
+    return ()
+
+
+def stateless(
+    fn: Callable[[jax.Array, Params], jax.Array], default_params: Params = ()
+) -> Aggregator:
+    """Wraps `fn(grads[n, d], params) -> aggregate[d]` as a stateless Aggregator.
+
+    The rule computes in float32 at least (bfloat16 inputs are promoted) and returns
+    the input dtype.
+    """
+
+    def update(grads, state, params):
+        chex.assert_rank(grads, 2)
+        out = fn(grads.astype(compute_dtype(grads.dtype)), params)
+        return out.astype(grads.dtype), state
+
+    return Aggregator(_no_state, update, default_params)
+
+
+def stateless_pre(
+    fn: Callable[[jax.Array, Params], jax.Array],
+    default_params: Params = (),
+    n_out: Callable[[int], int] = lambda n: n,
+) -> PreAggregator:
+    """Wraps `fn(grads[n, d], params) -> mixed[n', d]` as a stateless PreAggregator."""
+
+    def update(grads, state, params):
+        chex.assert_rank(grads, 2)
+        out = fn(grads.astype(compute_dtype(grads.dtype)), params)
+        return out.astype(grads.dtype), state
+
+    return PreAggregator(_no_state, update, default_params, n_out)

@@ -1,0 +1,49 @@
+"""Pre-aggregators chained in front of a rule, as one Aggregator.
+
+`chain((nnm(f), bucketing(f, s=2)), krum(f))` hands each stage's output rows to the
+next; the downstream rule sees n' = `n_out(n)` rows and checks its own precondition on
+(n', f) when traced (Karimireddy et al. build `Krum(n=ceil(n/s), f=f)` after bucketing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+from byzjax.aggregators._base import Aggregator, PreAggregator
+
+
+def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
+    """Returns the Aggregator that applies `pres` in order, then `rule`.
+
+    Its params are `{"pre": (params of each pre-aggregator,), "rule": rule params}`
+    and its state `(tuple of pre-aggregator states, rule state)`.
+    """
+    pres = tuple(pres)
+    if not pres:
+        return rule
+
+    def init(grads):
+        states = []
+        x = grads
+        for pre in pres:
+            states.append(pre.init(x))
+            x = jnp.zeros((pre.n_out(x.shape[0]), x.shape[1]), x.dtype)
+        return tuple(states), rule.init(x)
+
+    def update(grads, state, params):
+        pre_states, rule_state = state
+        new_states = []
+        x = grads
+        for pre, s, p in zip(pres, pre_states, params["pre"], strict=True):
+            x, s = pre.update(x, s, p)
+            new_states.append(s)
+        out, rule_state = rule.update(x, rule_state, params["rule"])
+        return out, (tuple(new_states), rule_state)
+
+    default_params = {
+        "pre": tuple(p.default_params for p in pres),
+        "rule": rule.default_params,
+    }
+    return Aggregator(init, update, default_params)
