@@ -98,3 +98,23 @@ def smallest_k(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """
     values, index = lax.top_k(-keys, k)
     return -values, index
+
+
+def coordinate_median(x: jax.Array) -> jax.Array:
+    """Coordinate-wise median over the worker axis, NaN as +Inf.
+
+    Odd n: the middle order statistic; even n: the average of the two middle ones
+    (numpy's convention, SPEC D4).
+    """
+    n = x.shape[0]
+    s = sort_workers(x)
+    if n % 2:
+        return s[n // 2]
+    return 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def coordinate_trimmed_mean(x: jax.Array, b: int) -> jax.Array:
+    """Mean of the order statistics b+1 .. n-b of each coordinate (NaN as +Inf)."""
+    n = x.shape[0]
+    s = sort_workers(x)
+    return row_mean(s[b : n - b])
