@@ -118,3 +118,25 @@ def coordinate_trimmed_mean(x: jax.Array, b: int) -> jax.Array:
     n = x.shape[0]
     s = sort_workers(x)
     return row_mean(s[b : n - b])
+
+
+def coordinate_mean_around(x: jax.Array, center: jax.Array, k: int) -> jax.Array:
+    """Per coordinate, the mean of the k entries closest to `center` (ties T0).
+
+    For each coordinate j the k workers with the smallest |x_ij - center_j| are
+    averaged; equal deviations go to the lower worker index (SPEC T0), which a
+    value-only sort cannot express (m - e and m + e tie but differ). NaN (and +-Inf)
+    entries have deviation +Inf, so with at least k finite entries none is picked.
+    Used by mean-around-median and by Bulyan's coordinate stage.
+
+    Args:
+      x: (n, d) array.
+      center: (d,) vector, usually the coordinate-wise median of `x`.
+      k: static number of entries averaged per coordinate, 1 <= k <= n.
+
+    Returns:
+      (d,) array.
+    """
+    dev = nan_to_posinf(jnp.abs(x - center[None, :]))
+    order = jnp.argsort(dev, axis=0, stable=True)[:k]
+    return row_mean(jnp.take_along_axis(x, order, axis=0))
