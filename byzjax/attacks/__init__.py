@@ -1,4 +1,9 @@
-"""Gradient attacks, by registry name (see `names()`)."""
+"""Gradient attacks, by registry name (see `names()`), and data-poisoning attacks.
+
+Gradient attacks map (key, honest[h, d], params, f) to the f Byzantine rows; the
+data-poisoning attacks (`poisoning_names()`) change a Byzantine worker's minibatch
+before its gradient is computed. See docs/attacks.md for the table of formulas.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,48 @@ import jax
 from byzjax._checks import static_int
 from byzjax._registry import call_builder, lookup, merge
 from byzjax._registry import register as _register
+from byzjax.attacks import _alie, _ipm, _mimic, _optimized, _simple
+from byzjax.attacks._alie import z_max
 from byzjax.attacks._base import Attack
+from byzjax.attacks._mimic import MimicState, StatefulAttack, mimic_heuristic
+from byzjax.attacks._optimized import fang_krum_lambda_max
+from byzjax.attacks._poisoning import (
+    Poisoning,
+    build_poisoning,
+    get_poisoning,
+    poison_workers,
+    poisoning_names,
+    register_poisoning,
+)
 
-__all__ = ["Attack", "build", "get", "names", "one_shot", "register"]
+__all__ = [
+    "Attack",
+    "MimicState",
+    "Poisoning",
+    "StatefulAttack",
+    "build",
+    "build_poisoning",
+    "fang_krum_lambda_max",
+    "get",
+    "get_poisoning",
+    "mimic_heuristic",
+    "names",
+    "one_shot",
+    "poison_workers",
+    "poisoning_names",
+    "register",
+    "register_poisoning",
+    "z_max",
+]
 
-_ATTACKS = merge("attack")
+_ATTACKS = merge(
+    "attack",
+    _simple.ATTACKS,
+    _alie.ATTACKS,
+    _ipm.ATTACKS,
+    _mimic.ATTACKS,
+    _optimized.ATTACKS,
+)
 
 
 def names() -> tuple[str, ...]:
