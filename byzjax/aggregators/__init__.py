@@ -13,7 +13,17 @@ import jax
 
 from byzjax._registry import call_builder, lookup, merge
 from byzjax._registry import register as _register
-from byzjax.aggregators import _average
+from byzjax.aggregators import (
+    _average,
+    _bulyan,
+    _clipping,
+    _coordinatewise,
+    _geometric,
+    _krum,
+    _majority,
+    _mda,
+    _preagg,
+)
 from byzjax.aggregators._base import Aggregator, PreAggregator, stateless, stateless_pre
 from byzjax.aggregators._compose import chain
 
@@ -32,8 +42,18 @@ __all__ = [
     "stateless_pre",
 ]
 
-_RULES = merge("aggregator", _average.RULES)
-_PRE = merge("pre-aggregator")
+_RULES = merge(
+    "aggregator",
+    _average.RULES,
+    _coordinatewise.RULES,
+    _krum.RULES,
+    _bulyan.RULES,
+    _geometric.RULES,
+    _clipping.RULES,
+    _mda.RULES,
+    _majority.RULES,
+)
+_PRE = merge("pre-aggregator", _preagg.PRE)
 
 
 def names() -> tuple[str, ...]:
