@@ -70,7 +70,8 @@ def bulyan(f: int = 0) -> Aggregator:
     theta = n - 2f, beta = theta - 2f. S = the theta workers chosen by iterated Krum
     (`bulyan_selection`); m_j = median_{i in S} x_ij (average of the middles for even
     theta, SPEC D4); Bulyan(X)_j = (1/beta) sum of the beta values of S closest to
-    m_j (ties to the lower worker index, SPEC T0).
+    m_j (ties to the lower original worker index, SPEC T0; the Appendix A script
+    breaks them by selection order instead, which differs only on exact ties).
 
     The AggregaThor/Garfield kernel (Multi-Krum rows, t = n - 2f - 2, upper median)
     and the ALIE authors' variant give different numbers and are not offered.
@@ -93,7 +94,9 @@ def bulyan(f: int = 0) -> Aggregator:
         n = x.shape[0]
         require(n >= 4 * f + 3, "bulyan", "n >= 4f + 3", n=n, f=f)
         theta = n - 2 * f
-        chosen = x[bulyan_selection(x, f, theta)]
+        # Sorted, so that ties in the coordinate stage go to the lower worker index
+        # (SPEC T0) rather than to the earlier selected worker.
+        chosen = x[jnp.sort(bulyan_selection(x, f, theta))]
         return coordinate_mean_around(chosen, coordinate_median(chosen), theta - 2 * f)
 
     return stateless(fn)
