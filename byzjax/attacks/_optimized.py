@@ -196,7 +196,13 @@ def _authors_search(feasible: Callable, gamma_init) -> jax.Array:
 
 
 def _min_max_sum(
-    name: str, objective: str, perturbation: str, search: str, ddof: int, bound: str
+    name: str,
+    objective: str,
+    perturbation: str,
+    search: str,
+    ddof: int,
+    bound: str,
+    gamma_init: float,
 ) -> Attack:
     perturbation = choice(perturbation, PERTURBATIONS, name, "perturbation")
     search = choice(search, ("exact", "authors"), name, "search")
@@ -236,7 +242,7 @@ def _min_max_sum(
             gamma = _authors_search(feasible, params["gamma_init"])
         return mu - gamma * p
 
-    default_params = {"gamma_init": 10.0} if search == "authors" else {}
+    default_params = {"gamma_init": gamma_init} if search == "authors" else {}
     return make_attack(name, default_params, body, min_honest=ddof + 1)
 
 
@@ -244,6 +250,7 @@ def min_max(
     perturbation: str = "unit_vec",
     search: str = "exact",
     ddof: int = 1,
+    gamma_init: float = 10.0,
 ) -> Attack:
     """Min-max: ``u = ḡ - gamma* p`` as far out as the honest diameter allows.
 
@@ -259,11 +266,13 @@ def min_max(
         standard deviation) or ``"sign"`` (sign(ḡ)).
       search: ``"exact"`` (closed form) or ``"authors"``.
       ddof: ddof of the ``"std"`` perturbation; 1 as the authors' ``torch.std``.
+      gamma_init: the authors' search's starting factor gamma_0 (sweepable; 10 in
+        the CIFAR notebooks); unused by the exact search.
 
     Returns:
-      An Attack; params ``{}`` (exact) or ``{"gamma_init": 10.0}`` (authors).
+      An Attack; params ``{}`` (exact) or ``{"gamma_init": gamma_init}`` (authors).
     """
-    return _min_max_sum("min_max", "max", perturbation, search, ddof, "max")
+    return _min_max_sum("min_max", "max", perturbation, search, ddof, "max", gamma_init)
 
 
 def min_sum(
@@ -271,6 +280,7 @@ def min_sum(
     bound: str = "min",
     search: str = "exact",
     ddof: int = 1,
+    gamma_init: float = 10.0,
 ) -> Attack:
     """Min-sum: ``u = ḡ - gamma* p`` with a bounded sum of squared distances.
 
@@ -285,12 +295,13 @@ def min_sum(
       bound: ``"min"`` or ``"max"``.
       search: ``"exact"`` or ``"authors"``.
       ddof: ddof of the ``"std"`` perturbation.
+      gamma_init: the authors' search's gamma_0 (sweepable); unused when exact.
 
     Returns:
-      An Attack; params ``{}`` (exact) or ``{"gamma_init": 10.0}`` (authors).
+      An Attack; params ``{}`` (exact) or ``{"gamma_init": gamma_init}`` (authors).
     """
     bound = choice(bound, ("min", "max"), "min_sum", "bound")
-    return _min_max_sum("min_sum", "sum", perturbation, search, ddof, bound)
+    return _min_max_sum("min_sum", "sum", perturbation, search, ddof, bound, gamma_init)
 
 
 # --------------------------------------------------------------------------------------
