@@ -1,0 +1,336 @@
+"""The contract every registered rule and pre-aggregator must meet (registry driven).
+
+Each name in `aggregators.names()` and `aggregators.pre_names()` needs an entry in the
+tables below (a test fails otherwise), and then automatically gets the whole battery:
+output shape and dtype (float32, bfloat16), one trace under jit, f = 0 behaviour,
+finite output with at most f NaN / +-Inf / 1e38 Byzantine rows (SPEC D18), all-equal
+and all-zero inputs, pytree input equal to the flat result, a precondition ValueError
+naming the rule, n, f and the inequality, and ValueErrors for bad names and arguments.
+"""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+
+import byzjax
+from byzjax import aggregators
+
+D = 6
+
+
+def rule_entry(n=9, f=2, params=None, bad=None, f0=None, robust=True, fixed=True):
+    """One rule's test configuration.
+
+    Args:
+      n, f: a valid configuration.
+      params: builder arguments needed (e.g. a required tau).
+      bad: ((n, f), inequality) violating the precondition, or None if the rule has
+        no precondition on n.
+      f0: "mean" if the rule with f = 0 is the plain mean.
+      robust: whether at most f non-finite rows must leave the output finite.
+      fixed: whether n identical rows aggregate to that row.
+    """
+    return dict(
+        n=n, f=f, params=params or {}, bad=bad, f0=f0, robust=robust, fixed=fixed
+    )
+
+
+HALF = ((4, 2), "n >= 2f + 1")
+RULES = {
+    "mean": rule_entry(f0="mean", robust=False),
+    "median": rule_entry(bad=HALF),
+    "trimmed_mean": rule_entry(bad=((4, 2), "n >= 2b + 1"), f0="mean"),
+    "mean_around_median": rule_entry(bad=HALF, f0="mean"),
+    "krum": rule_entry(bad=((6, 2), "n >= 2f + 3")),
+    "multi_krum": rule_entry(bad=((6, 2), "n >= 2f + 3"), f0="mean"),
+    "bulyan": rule_entry(n=11, bad=((10, 2), "n >= 4f + 3"), f0="mean"),
+    "geometric_median": rule_entry(bad=HALF),
+    "centered_clipping": rule_entry(params={"tau": 1.0}, bad=HALF, fixed=False),
+    "mda": rule_entry(bad=HALF, f0="mean"),
+    "sign_majority": rule_entry(bad=HALF, fixed=False),
+}
+
+# Pre-aggregators: n_out for the valid (n, f) = (9, 2), and f0 = "identity" or
+# "mean" (every row becomes the mean) where that is the f = 0 behaviour.
+PRE = {
+    "nnm": dict(params={}, n_out=9, bad=HALF, f0="mean"),
+    "bucketing": dict(params={"s": 2}, n_out=5, bad=None, f0=None),
+    "clipping": dict(params={"tau": 1.0}, n_out=9, bad=None, f0=None),
+    "arc": dict(params={}, n_out=9, bad=HALF, f0="identity"),
+}
+
+# Builder arguments each rule must refuse with a ValueError naming the rule.
+BAD_ARGS = {
+    "trimmed_mean": [{"b": -1}],
+    "mean_around_median": [{"variant": "nope"}, {"keep": 0}],
+    "krum": [{"variant": "nope"}, {"neighbors": 0}],
+    "multi_krum": [{"m": 0}, {"variant": "nope"}],
+    "geometric_median": [
+        {"preset": "nope"},
+        {"init": "nope"},
+        {"nu": 0.0},
+        {"iterations": 0},
+    ],
+    "centered_clipping": [{}, {"tau": -1.0}, {"tau": 1.0, "iterations": 0}],
+    "mda": [{"max_subsets": 0}],
+    "sign_majority": [{"zero_sign": 2}],
+}
+PRE_BAD_ARGS = {
+    "bucketing": [{"s": 0}, {"s": 1.5}],
+    "clipping": [{}, {"tau": 0.0}],
+}
+
+NON_FINITE = {
+    "nan": np.nan,
+    "+inf": np.inf,
+    "-inf": -np.inf,
+    "1e38": 1e38,
+    "-1e38": -1e38,
+}
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def _x(n, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.normal(size=(n, D)), dtype)
+
+
+def _run(name, f, params, x):
+    """One aggregation through the cached jitted entry point (compiled once)."""
+    return aggregators.one_shot(name, f=f, **params)(x)
+
+
+def _pre_run(name, f, params, x, rule="median"):
+    return aggregators.one_shot(rule, f=f, pre=[(name, params)])(x)
+
+
+def test_every_registered_rule_is_in_the_battery():
+    assert set(RULES) == set(aggregators.names()), "add the rule to RULES"
+    assert set(PRE) == set(aggregators.pre_names()), "add it to PRE"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: jnp.dtype(t).name)
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rule_shape_dtype_and_non_finite_rows(name, dtype):
+    cfg = RULES[name]
+    n, f = cfg["n"], cfg["f"]
+    x = _x(n, dtype)
+    out = _run(name, f, cfg["params"], x)
+    assert out.shape == (D,) and out.dtype == dtype
+    assert bool(jnp.all(jnp.isfinite(out)))
+    rng = np.random.default_rng(1)
+    for label, value in NON_FINITE.items():
+        for rows in (np.arange(f), rng.choice(n, size=f, replace=False)):
+            broken = x.at[rows].set(value)
+            out = _run(name, f, cfg["params"], broken)
+            if cfg["robust"]:
+                assert bool(jnp.all(jnp.isfinite(out))), (label, rows)
+    # Mixed: one NaN row and one row with a single -Inf coordinate.
+    mixed = x.at[0].set(jnp.nan).at[n - 1, 2].set(-jnp.inf)
+    out = _run(name, f, cfg["params"], mixed)
+    if cfg["robust"]:
+        assert bool(jnp.all(jnp.isfinite(out)))
+    else:
+        # The mean is not robust: a NaN row makes it NaN (documented).
+        assert not bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rule_equal_and_zero_rows(name):
+    cfg = RULES[name]
+    n, f = cfg["n"], cfg["f"]
+    row = jnp.asarray(np.linspace(-1.5, 2.0, D), jnp.float32)
+    same = jnp.tile(row, (n, 1))
+    out = _run(name, f, cfg["params"], same)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    if cfg["fixed"]:
+        np.testing.assert_allclose(out, row, rtol=1e-5, atol=1e-6)
+    zeros = jnp.zeros((n, D), jnp.float32)
+    assert bool(jnp.all(_run(name, f, cfg["params"], zeros) == 0))
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rule_compiles_once(name):
+    cfg = RULES[name]
+    agg = aggregators.build(name, f=cfg["f"], **cfg["params"])
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(x, state, params):
+        return agg.update(x, state, params)
+
+    x = _x(cfg["n"])
+    state = agg.init(x)
+    for seed in range(3):
+        out, state = step(_x(cfg["n"], seed=seed), state, agg.default_params)
+    assert out.shape == (D,)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rule_with_f_zero(name):
+    cfg = RULES[name]
+    n = cfg["n"]
+    x = _x(n, seed=3)
+    x64 = np.asarray(x, np.float64)
+    out = np.asarray(_run(name, 0, cfg["params"], x), np.float64)
+    tol = 2e-4 if name == "geometric_median" else 2e-5
+    expect = reference.RULES[name](x64, 0, **cfg["params"])
+    np.testing.assert_allclose(out, expect, rtol=tol, atol=tol)
+    if cfg["f0"] == "mean":
+        np.testing.assert_allclose(out, x64.mean(0), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rule_pytree_equals_flat(name):
+    cfg = RULES[name]
+    n, f = cfg["n"], cfg["f"]
+    x = _x(n, seed=4)
+    tree = {"a": x[:, :2], "b": x[:, 2:].reshape(n, 2, 2)}
+    out = byzjax.aggregate(name, tree, f=f, **cfg["params"])
+    flat = byzjax.aggregate(name, x, f=f, **cfg["params"])
+    assert out["a"].shape == (2,) and out["b"].shape == (2, 2)
+    np.testing.assert_array_equal(out["a"], flat[:2])
+    np.testing.assert_array_equal(out["b"].reshape(-1), flat[2:])
+
+
+def _precondition_pattern(name, n, f, inequality):
+    return (
+        rf"^{re.escape(name)}: requires {re.escape(inequality)}, "
+        rf"got n={n}, f={f}\b"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(n for n in RULES if RULES[n]["bad"]))
+def test_rule_precondition_error(name):
+    cfg = RULES[name]
+    (n, f), inequality = cfg["bad"]
+    with pytest.raises(ValueError, match=_precondition_pattern(name, n, f, inequality)):
+        byzjax.aggregate(name, _x(n), f=f, **cfg["params"])
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rule_bad_arguments(name):
+    cfg = RULES[name]
+    for bad_f in (-1, 1.5, "2"):
+        with pytest.raises(ValueError, match=re.escape(name)):
+            aggregators.build(name, f=bad_f, **cfg["params"])
+    for args in BAD_ARGS.get(name, []):
+        with pytest.raises(ValueError, match=re.escape(name)):
+            aggregators.build(name, f=cfg["f"], **args)
+    with pytest.raises(ValueError, match="unknown parameter.*bogus"):
+        aggregators.build(name, f=cfg["f"], bogus=1, **cfg["params"])
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="unknown aggregator 'nope'.*valid names"):
+        aggregators.build("nope", f=1)
+    with pytest.raises(ValueError, match="unknown pre-aggregator 'nope'.*valid names"):
+        aggregators.build("median", f=1, pre=["nope"])
+
+
+# ------------------------------------------------------------------ pre-aggregators
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: jnp.dtype(t).name)
+@pytest.mark.parametrize("name", sorted(PRE))
+def test_pre_shape_dtype_and_non_finite_rows(name, dtype):
+    cfg = PRE[name]
+    n, f = 9, 2
+    pre = aggregators.get_pre(name)(f, **cfg["params"])
+    assert pre.n_out(n) == cfg["n_out"]
+    x = _x(n, dtype)
+    run = jax.jit(lambda x: pre.update(x, pre.init(x), pre.default_params)[0])
+    y = run(x)
+    assert y.shape == (cfg["n_out"], D) and y.dtype == dtype
+    assert bool(jnp.all(jnp.isfinite(y)))
+    rng = np.random.default_rng(2)
+    for label, value in NON_FINITE.items():
+        rows = rng.choice(n, size=f, replace=False)
+        broken = x.at[rows].set(value)
+        # Followed by a robust rule, the result is finite.
+        out = _pre_run(name, f, cfg["params"], broken)
+        assert out.dtype == dtype and bool(jnp.all(jnp.isfinite(out))), label
+        if name != "bucketing":  # row i of the output belongs to worker i
+            y = run(broken)
+            honest = np.setdiff1d(np.arange(n), rows)
+            assert bool(jnp.all(jnp.isfinite(y[honest]))), label
+
+
+@pytest.mark.parametrize("name", sorted(PRE))
+def test_pre_compiles_once_and_f_zero(name):
+    cfg = PRE[name]
+    pre = aggregators.get_pre(name)(0, **cfg["params"])
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(x, state, params):
+        return pre.update(x, state, params)
+
+    x = _x(9, seed=5)
+    state = pre.init(x)
+    for seed in range(3):
+        y, state = step(_x(9, seed=seed), state, pre.default_params)
+    assert y.shape == (cfg["n_out"], D)
+    x64 = np.asarray(x, np.float64)
+    y = np.asarray(step(x, pre.init(x), pre.default_params)[0], np.float64)
+    if cfg["f0"] == "identity":
+        np.testing.assert_array_equal(y, x64)
+    elif cfg["f0"] == "mean":
+        np.testing.assert_allclose(y, np.tile(x64.mean(0), (9, 1)), rtol=2e-5)
+    else:
+        assert bool(np.all(np.isfinite(y)))
+
+
+@pytest.mark.parametrize("name", sorted(PRE))
+def test_pre_pytree_equals_flat(name):
+    cfg = PRE[name]
+    x = _x(9, seed=6)
+    tree = {"a": x[:, :2], "b": x[:, 2:].reshape(9, 2, 2)}
+    out = byzjax.aggregate("median", tree, f=2, pre=[(name, cfg["params"])])
+    flat = byzjax.aggregate("median", x, f=2, pre=[(name, cfg["params"])])
+    np.testing.assert_array_equal(out["a"], flat[:2])
+    np.testing.assert_array_equal(out["b"].reshape(-1), flat[2:])
+
+
+@pytest.mark.parametrize("name", sorted(n for n in PRE if PRE[n]["bad"]))
+def test_pre_precondition_error(name):
+    cfg = PRE[name]
+    (n, f), inequality = cfg["bad"]
+    pre = aggregators.get_pre(name)(f, **cfg["params"])
+    with pytest.raises(ValueError, match=_precondition_pattern(name, n, f, inequality)):
+        jax.jit(lambda x: pre.update(x, pre.init(x), pre.default_params))(_x(n))
+
+
+@pytest.mark.parametrize("name", sorted(PRE))
+def test_pre_bad_arguments(name):
+    cfg = PRE[name]
+    for bad_f in (-1, 1.5):
+        with pytest.raises(ValueError, match=re.escape(name)):
+            aggregators.get_pre(name)(bad_f, **cfg["params"])
+    for args in PRE_BAD_ARGS.get(name, []):
+        with pytest.raises(ValueError, match=re.escape(name)):
+            aggregators.get_pre(name)(2, **args)
+    with pytest.raises(ValueError, match="unknown parameter.*bogus"):
+        aggregators.build("median", f=2, pre=[(name, dict(cfg["params"], bogus=1))])
+
+
+def test_downstream_rule_checks_its_precondition_on_n_out():
+    # 9 workers in buckets of 2 -> 5 inputs; Krum with f = 2 needs 7.
+    with pytest.raises(
+        ValueError, match=_precondition_pattern("krum", 5, 2, "n >= 2f + 3")
+    ):
+        byzjax.aggregate("krum", _x(9), f=2, pre=[("bucketing", {"s": 2})])
+
+
+def test_mda_refuses_above_the_subset_budget():
+    with pytest.raises(ValueError, match=r"mda: .*n=50, f=12, C\(n, f\)=121399651100"):
+        byzjax.aggregate("mda", jnp.zeros((50, 2)), f=12)
+    with pytest.raises(ValueError, match=r"C\(n, f\)=36"):
+        byzjax.aggregate("mda", jnp.zeros((9, 2)), f=2, max_subsets=35)
