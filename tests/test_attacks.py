@@ -190,9 +190,10 @@ def test_fang_trimmed_mean_draws_inside_oracle_interval(seed):
 def test_fang_krum_matches_oracle(h, f, d):
     if "krum" not in byzjax.aggregators.names():
         pytest.skip("krum is not registered yet")
+    lam_max_fn = jax.jit(attacks.fang_krum_lambda_max, static_argnums=1)
     for seed in range(4):
         H = honest(h, d, seed=seed + 31 * d, shift=0.0)
-        lam_max = float(attacks.fang_krum_lambda_max(jnp.asarray(H, jnp.float32), f))
+        lam_max = float(lam_max_fn(jnp.asarray(H, jnp.float32), f))
         assert lam_max == pytest.approx(ref.fang_krum_lambda_max(H, f), rel=1e-5)
         want, lam = ref.fang_krum(H, f)
         got = run("fang", H, f, variant="krum")
@@ -295,6 +296,10 @@ def test_rule_aware_attacks_accept_aggregators_and_reject_unknown_rules():
         attacks.build("alie_opt", rule="no_such_rule")
     with pytest.raises(ValueError, match="unknown aggregator"):
         attacks.build("fang", variant="krum", rule="no_such_rule")
+    with pytest.raises(ValueError, match="0 < lo < hi"):
+        attacks.build("ipm_opt", lo=0.0)
+    with pytest.raises(ValueError, match="lo < hi"):
+        attacks.build("alie_opt", lo=2.0, hi=1.0)
 
 
 # ------------------------------------------------------------------------- poisoning

@@ -138,9 +138,14 @@ def grid_search(
     return from_t(best_t)
 
 
-def _search_args(attack: str, grid: int, rounds: int) -> tuple[int, int]:
+def _search_args(
+    attack: str, grid: int, rounds: int, lo, hi, log: bool
+) -> tuple[int, int]:
     grid = static_int(grid, attack, "grid", minimum=2)
     rounds = static_int(rounds, attack, "rounds", minimum=1)
+    if isinstance(lo, int | float) and isinstance(hi, int | float):
+        low = "0 < lo < hi" if log else "lo < hi"
+        require((lo > 0 or not log) and lo < hi, attack, low, lo=lo, hi=hi)
     return grid, rounds
 
 
@@ -450,7 +455,7 @@ def alie_opt(
       An Attack with params ``{{"lo": lo, "hi": hi}}``.
     """
     make_rule = target_rule(rule, rule_params, pre, "alie_opt")
-    grid, rounds = _search_args("alie_opt", grid, rounds)
+    grid, rounds = _search_args("alie_opt", grid, rounds, lo, hi, False)
     ddof = static_int(ddof, "alie_opt", "ddof")
     require(ddof <= 1, "alie_opt", "ddof in {0, 1}", ddof=ddof)
 
@@ -499,7 +504,7 @@ def ipm_opt(
       An Attack with params ``{{"lo": lo, "hi": hi}}``.
     """
     make_rule = target_rule(rule, rule_params, pre, "ipm_opt")
-    grid, rounds = _search_args("ipm_opt", grid, rounds)
+    grid, rounds = _search_args("ipm_opt", grid, rounds, lo, hi, True)
 
     def body(key, x, params, f):
         agg = make_rule(f)
