@@ -22,6 +22,7 @@ from byzjax._numerics import (
     coordinate_median,
     nan_to_posinf,
     pairwise_sq_dists,
+    smallest_k,
 )
 from byzjax.aggregators._base import Aggregator, stateless
 
@@ -44,13 +45,16 @@ def bulyan_selection(x: jax.Array, f: int, theta: int) -> jax.Array:
     n = x.shape[0]
     dist = pairwise_sq_dists(x, center=coordinate_median(x))
     eye = jnp.eye(n, dtype=bool)
-    rank = jnp.arange(n)
+    # k_t shrinks with t but top_k needs a static count: take the largest, k_0, and
+    # keep the first k_t of each row.
+    k_max = max(1, min(n - 1, n - f - 2))
+    rank = jnp.arange(k_max)
 
     def round_(t, carry):
         removed, picked = carry
         k = jnp.maximum(1, n - t - f - 2)
         masked = jnp.where(eye | removed[None, :], jnp.inf, dist)
-        nearest = jnp.sort(masked, axis=1)
+        nearest, _ = smallest_k(masked, k_max)
         # `where`, not a 0/1 product: the entries past k may be +Inf.
         score = nan_to_posinf(jnp.where(rank[None, :] < k, nearest, 0.0).sum(axis=1))
         score = jnp.where(removed, jnp.inf, score)
