@@ -92,6 +92,9 @@ def default_out(config: Config) -> Path:
 def _field_of_build_error(config: Config, err: Exception) -> str:
     """The field to blame for a ValueError raised while building or tracing a rule."""
     text = str(err)
+    for name in config.aggregator_params:  # "requires m <= n, got ..., m=40"
+        if f" {name}=" in text or f"{name} " in text.partition("got")[0]:
+            return f"aggregator.{name}"
     if "unknown parameter" in text or "must be one of" in text or "f=" not in text:
         return "aggregator"
     return "byzantine" if config.tolerate is None else "tolerate"
@@ -259,6 +262,12 @@ def make_chunk(sim: step_lib.Simulator, length: int, batched: bool = False):
     return jax.jit(chunk, donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_eval(evaluate: Callable, batched: bool) -> Callable:
+    """One jitted evaluation per model (`ModelFns.evaluate` is cached per model)."""
+    return jax.jit(jax.vmap(evaluate, in_axes=(0, None, None)) if batched else evaluate)
+
+
 def _progress(enabled: bool, total: int, description: str):
     from rich.progress import (
         BarColumn,
@@ -310,9 +319,7 @@ def _train(
     length = chunk_length(c)
     batched = batch is not None
     chunk = make_chunk(sim, length, batched)
-    evaluate = jax.jit(
-        jax.vmap(sim.evaluate, in_axes=(0, None, None)) if batched else sim.evaluate
-    )
+    evaluate = _jitted_eval(sim.evaluate, batched)
     traces_before = sim.traces()
     t0 = time.perf_counter()
     compiled = chunk.lower(states, hps, setup.data).compile()

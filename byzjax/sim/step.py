@@ -27,6 +27,7 @@ shapes are static.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -167,6 +168,78 @@ def _server_transform(name: str, hp: dict) -> optax.GradientTransformation:
     raise ConfigError("optimizer", f"unknown optimizer {name!r}")
 
 
+class ModelFns(NamedTuple):
+    """A model's pure functions on flat parameter vectors (cached per model).
+
+    Attributes:
+      d: number of parameters.
+      unravel: flat (d,) vector -> parameter pytree.
+      flat_loss: ``flat_loss(theta, x, y)``, the mean cross-entropy of one batch.
+      init_theta: jitted ``init_theta(key) -> theta (d,)``.
+      evaluate: ``evaluate(theta, x, y) -> (loss, accuracy)`` over a test set, in
+        batches of 1000 (`lax.map`), so large test sets fit in memory.
+    """
+
+    d: int
+    unravel: Callable
+    flat_loss: Callable
+    init_theta: Callable
+    evaluate: Callable
+
+
+@functools.lru_cache(maxsize=32)
+def model_fns(name: str, num_classes: int, feature_shape: tuple) -> ModelFns:
+    """The `ModelFns` of model `name` for data of `feature_shape`.
+
+    Cached, so runs that share a model share the compiled initializer and
+    evaluation (seconds of XLA:CPU compilation each otherwise).
+    """
+    module = models.build(name, num_classes)
+    loss = models.loss_fn(module)
+    params_shape = jax.eval_shape(
+        lambda k: models.init(module, k, feature_shape), jax.random.key(0)
+    )
+    # ravel_pytree's unravel depends only on shapes and dtypes
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params_shape)
+    _, unravel, flat_loss = flat_model(loss, zeros)
+
+    @jax.jit
+    def init_theta(key):
+        return flat_model(loss, models.init(module, key, feature_shape))[0]
+
+    def evaluate(theta, x, y, batch_size: int = 1000):
+        total = x.shape[0]
+        batch_size = min(batch_size, total)
+        nb = -(-total // batch_size)
+        pad = nb * batch_size - total
+        xp = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        yp = jnp.pad(y, (0, pad))
+        valid = jnp.arange(nb * batch_size) < total
+        shape = (nb, batch_size)
+        params = unravel(theta)
+
+        def one(args):
+            xi, yi, vi = args
+            logits = module.apply({"params": params}, xi)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, yi)
+            hit = jnp.argmax(logits, -1) == yi
+            return jnp.sum(jnp.where(vi, ce, 0.0)), jnp.sum(hit & vi)
+
+        ce, hits = lax.map(
+            one,
+            (
+                xp.reshape(shape + x.shape[1:]),
+                yp.reshape(shape),
+                valid.reshape(shape),
+            ),
+        )
+        return jnp.sum(ce) / total, jnp.sum(hits).astype(jnp.float32) / total
+
+    return ModelFns(
+        models.param_count(params_shape), unravel, flat_loss, init_theta, evaluate
+    )
+
+
 class Simulator(NamedTuple):
     """The compiled-program building blocks of one simulated setting.
 
@@ -243,18 +316,8 @@ def build(
     """
     n, f, batch = config.workers, config.byzantine, config.batch_size
     h = n - f
-    module = models.build(config.model, num_classes)
-    loss = models.loss_fn(module)
-    params_shape = jax.eval_shape(
-        lambda k: models.init(module, k, feature_shape), jax.random.key(0)
-    )
-    d = models.param_count(params_shape)
-    # ravel_pytree's unravel depends only on shapes and dtypes
-    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params_shape)
-    unravel = flat_model(loss, zeros)[1]
-
-    def flat_loss(theta, x, y):
-        return loss(unravel(theta), x, y)
+    fns = model_fns(config.model, num_classes, tuple(feature_shape))
+    d, unravel, flat_loss = fns.d, fns.unravel, fns.flat_loss
 
     agg = aggregators.build(
         config.aggregator,
@@ -295,7 +358,7 @@ def build(
 
     def init(key) -> TrainState:
         k_model, k_run = jax.random.split(key)
-        theta = flat_model(loss, models.init(module, k_model, feature_shape))[0]
+        theta = fns.init_theta(k_model)
         x0 = jnp.zeros((n, d), theta.dtype)
         opt = _server_transform(config.optimizer, hparams)
         atk_state = (
@@ -424,39 +487,11 @@ def build(
     def inspect(state, hp, data):
         return forward(state, hp, data)[2]
 
-    def evaluate(theta, x, y, batch_size: int = 1000):
-        total = x.shape[0]
-        batch_size = min(batch_size, total)
-        nb = -(-total // batch_size)
-        pad = nb * batch_size - total
-        xp = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        yp = jnp.pad(y, (0, pad))
-        valid = jnp.arange(nb * batch_size) < total
-        shape = (nb, batch_size)
-        params = unravel(theta)
-
-        def one(args):
-            xi, yi, vi = args
-            logits = module.apply({"params": params}, xi)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, yi)
-            hit = jnp.argmax(logits, -1) == yi
-            return jnp.sum(jnp.where(vi, ce, 0.0)), jnp.sum(hit & vi)
-
-        ce, hits = lax.map(
-            one,
-            (
-                xp.reshape(shape + x.shape[1:]),
-                yp.reshape(shape),
-                valid.reshape(shape),
-            ),
-        )
-        return jnp.sum(ce) / total, jnp.sum(hits).astype(jnp.float32) / total
-
     return Simulator(
         init=init,
         step=step,
         inspect=inspect,
-        evaluate=evaluate,
+        evaluate=fns.evaluate,
         hparams=hparams,
         n=n,
         f=f,
