@@ -30,10 +30,10 @@ DEMO_DEFAULTS = {
     "model": "mlp",
     "workers": 25,
     "byzantine": 5,
-    "steps": 300,
-    "eval_every": 50,
+    "steps": 100,
+    "eval_every": 20,
     "log_every": 10,
-    "lr": 0.1,
+    "lr": 0.3,
     "influence": False,
     "out": "runs/demo",
 }
@@ -194,7 +194,7 @@ def demo(items: Sequence[str] = (), *, progress: bool = True) -> dict:
         acc[rule] = {}
         for (attack, _), runs in zip(DEMO_ATTACKS, results, strict=True):
             res = runs[0]
-            acc[rule][attack] = res.summary["test_accuracy"]
+            acc[rule][attack] = round(res.summary["test_accuracy"], 4)
             panels[attack][rule] = res.records
             writer = records.RunWriter(out / f"{rule}-{attack}")
             writer.write_config(config_lib.to_toml(res.config))
