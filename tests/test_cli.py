@@ -62,6 +62,12 @@ def test_overrides_fill_fields_and_params():
     assert cfg.aggregator_params == {"neighbors": 3}
     assert cfg.pre == ["bucketing"] and cfg.pre_params == {"bucketing": {"s": 2}}
     assert cfg.out == "runs/foe" and cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    # TOML reads nan and inf as floats; as names they are the crash-fault attacks
+    for name in ("nan", "inf"):
+        cfg = config_lib.apply_overrides(config_lib.Config(), [f"attack={name}"])
+        assert cfg.attack == name
+    cfg = config_lib.apply_overrides(config_lib.Config(), ["attack.z=inf"])
+    assert cfg.attack_params["z"] == float("inf")
 
 
 @pytest.mark.parametrize(

@@ -178,8 +178,13 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(name, f"expected a table of parameters, got {value!r}")
         return dict(value)
-    # str or str | None; a number typed for a path (out=2024) is still a path
-    if name in ("out", "data_dir") and isinstance(value, int | float):
+    # str or str | None: TOML reads the attack names `nan` and `inf` (and a path
+    # such as out=2024) as numbers, so numbers are turned back into words
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    elif isinstance(value, float) and not math.isfinite(value):
+        value = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    elif isinstance(value, int | float):
         value = str(value)
     if not isinstance(value, str):
         raise ConfigError(name, f"expected a string, got {value!r}")
