@@ -209,6 +209,7 @@ def test_mnist5k_end_to_end():
         ({"model": "nope"}, "model"),
         ({"byzantine": 10}, "byzantine"),
         ({"pre": ["nope"]}, "pre"),
+        ({"pre": ["clipping"]}, "pre.clipping"),  # tau is required
         ({"aggregator": "multi_krum", "aggregator_params": {"m": 40}}, "aggregator.m"),
     ],
 )

@@ -226,6 +226,8 @@ def _set(values: dict, key: str, value: Any) -> None:
         values.setdefault(_PARAM_PREFIX[head], {}).update(table)
         return
     if head in ("aggregator_params", "attack_params", "pre_params"):
+        if not isinstance(value, Mapping):
+            raise ConfigError(head, f"expected a table of parameters, got {value!r}")
         values.setdefault(head, {}).update(dict(value))
         return
     values[head] = value

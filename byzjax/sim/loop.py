@@ -92,6 +92,9 @@ def default_out(config: Config) -> Path:
 def _field_of_build_error(config: Config, err: Exception) -> str:
     """The field to blame for a ValueError raised while building or tracing a rule."""
     text = str(err)
+    for name in config.pre:  # "clipping: tau (the clipping radius) is required"
+        if text.startswith(f"{name}:") or f"pre-aggregator {name!r}" in text:
+            return f"pre.{name}"
     for name in config.aggregator_params:  # "requires m <= n, got ..., m=40"
         if f" {name}=" in text or f"{name} " in text.partition("got")[0]:
             return f"aggregator.{name}"
@@ -421,7 +424,9 @@ def _write(out: Path, config: Config, records, summary) -> None:
     try:
         from byzjax import plotting
 
-        plotting.plot_curves({config.label(): records}, out / "curves.png", "")
+        plotting.plot_curves(
+            {f"seed {config.seed}": records}, out / "curves.png", config.label()
+        )
     except ImportError:  # matplotlib is an optional extra
         pass
 
