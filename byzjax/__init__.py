@@ -1,7 +1,8 @@
 """byzjax: Byzantine-robust distributed SGD, simulated on accelerators with JAX.
 
 The one-shot entry points are `aggregate` and `attack`; the registries live in
-`byzjax.aggregators` and `byzjax.attacks`.
+`byzjax.aggregators` and `byzjax.attacks`; data sets, models and the simulator
+in `byzjax.data`, `byzjax.models` and `byzjax.sim`.
 """
 
 from __future__ import annotations
@@ -9,12 +10,21 @@ from __future__ import annotations
 import chex
 import jax
 
-from byzjax import aggregators, attacks
+from byzjax import aggregators, attacks, data, models, sim
 from byzjax._pytree import ravel_workers
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "aggregate", "aggregators", "attack", "attacks"]
+__all__ = [
+    "__version__",
+    "aggregate",
+    "aggregators",
+    "attack",
+    "attacks",
+    "data",
+    "models",
+    "sim",
+]
 
 
 def aggregate(
