@@ -33,6 +33,15 @@ def _read_csv(filename: str) -> tuple[np.ndarray, np.ndarray]:
     return pixels, labels
 
 
+def _bundled(filename, name, side, scale, seed, test_fraction) -> Dataset:
+    """A shipped 10-class image set, scaled to [0, 1], split stratified."""
+    pixels, labels = _read_csv(filename)
+    x = (pixels.astype(np.float32) / scale).reshape(-1, side, side, 1)
+    return stratified_split(
+        x, labels, num_classes=10, name=name, seed=seed, test_fraction=test_fraction
+    )
+
+
 def mnist5k(*, seed: int = 0, test_fraction: float = 0.2, data_dir=None) -> Dataset:
     """5,000 real MNIST digits (500 a class), 28x28x1 in [0, 1].
 
@@ -49,16 +58,7 @@ def mnist5k(*, seed: int = 0, test_fraction: float = 0.2, data_dir=None) -> Data
       The `Dataset` "mnist5k", features of shape (N, 28, 28, 1).
     """
     del data_dir
-    pixels, labels = _read_csv("mnist_5k.csv.gz")
-    x = (pixels.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
-    return stratified_split(
-        x,
-        labels,
-        num_classes=10,
-        name="mnist5k",
-        seed=seed,
-        test_fraction=test_fraction,
-    )
+    return _bundled("mnist_5k.csv.gz", "mnist5k", 28, 255.0, seed, test_fraction)
 
 
 def digits(*, seed: int = 0, test_fraction: float = 0.2, data_dir=None) -> Dataset:
@@ -77,16 +77,7 @@ def digits(*, seed: int = 0, test_fraction: float = 0.2, data_dir=None) -> Datas
       The `Dataset` "digits", features of shape (N, 8, 8, 1).
     """
     del data_dir
-    pixels, labels = _read_csv("digits.csv.gz")
-    x = (pixels.astype(np.float32) / 16.0).reshape(-1, 8, 8, 1)
-    return stratified_split(
-        x,
-        labels,
-        num_classes=10,
-        name="digits",
-        seed=seed,
-        test_fraction=test_fraction,
-    )
+    return _bundled("digits.csv.gz", "digits", 8, 16.0, seed, test_fraction)
 
 
 LOADERS = {"mnist5k": mnist5k, "digits": digits}
