@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from byzjax._sorting import _nan_to_posinf, order_statistics, sort_rows
+
 HIGHEST = lax.Precision.HIGHEST
 
 
@@ -23,7 +25,7 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 def nan_to_posinf(x: jax.Array) -> jax.Array:
     """Replaces NaN by +Inf (so NaN sorts last and is never a nearest neighbour)."""
-    return jnp.where(jnp.isnan(x), jnp.inf, x)
+    return _nan_to_posinf(x)
 
 
 def row_sum(x: jax.Array) -> jax.Array:
@@ -50,7 +52,7 @@ def row_mean(x: jax.Array) -> jax.Array:
 
 def sort_workers(x: jax.Array) -> jax.Array:
     """Sorts each coordinate of an (n, d) array over the worker axis, NaN as +Inf."""
-    return jnp.sort(nan_to_posinf(x), axis=0)
+    return sort_rows(x)
 
 
 def sq_norms(x: jax.Array) -> jax.Array:
@@ -107,17 +109,27 @@ def coordinate_median(x: jax.Array) -> jax.Array:
     (numpy's convention, SPEC D4).
     """
     n = x.shape[0]
-    s = sort_workers(x)
     if n % 2:
-        return s[n // 2]
-    return 0.5 * (s[n // 2 - 1] + s[n // 2])
+        return order_statistics(x, [n // 2])[0]
+    lo, hi = order_statistics(x, [n // 2 - 1, n // 2])
+    return 0.5 * (lo + hi)
 
 
 def coordinate_trimmed_mean(x: jax.Array, b: int) -> jax.Array:
-    """Mean of the order statistics b+1 .. n-b of each coordinate (NaN as +Inf)."""
+    """Mean of the order statistics b+1 .. n-b of each coordinate (NaN as +Inf).
+
+    With lo = x_(b+1) and hi = x_(n-b), clipping every entry to [lo, hi] maps the b
+    smallest to lo and the b largest to hi and leaves the middle alone, so
+    sum_k clip(x_k) - b (lo + hi) is the trimmed sum whatever the ties: two order
+    statistics from the network and one fused pass over x, instead of a full sort.
+    """
     n = x.shape[0]
-    s = sort_workers(x)
-    return row_mean(s[b : n - b])
+    if b == 0:
+        return row_mean(x)
+    lo, hi = order_statistics(x, [b, n - b - 1])
+    # Row by row, for the reason given in `order_statistics`.
+    clipped = [jnp.clip(nan_to_posinf(x[i]), lo, hi) for i in range(n)]
+    return (row_sum(jnp.stack(clipped)) - b * (lo + hi)) / (n - 2 * b)
 
 
 def coordinate_mean_around(x: jax.Array, center: jax.Array, k: int) -> jax.Array:
@@ -129,6 +141,10 @@ def coordinate_mean_around(x: jax.Array, center: jax.Array, k: int) -> jax.Array
     entries have deviation +Inf, so with at least k finite entries none is picked.
     Used by mean-around-median and by Bulyan's coordinate stage.
 
+    With delta the k-th smallest deviation, every entry closer than delta is taken,
+    and the entries at exactly delta are taken in worker order until k are: one
+    order statistic and one fused pass over the rows, instead of an argsort.
+
     Args:
       x: (n, d) array.
       center: (d,) vector, usually the coordinate-wise median of `x`.
@@ -137,6 +153,15 @@ def coordinate_mean_around(x: jax.Array, center: jax.Array, k: int) -> jax.Array
     Returns:
       (d,) array.
     """
-    dev = nan_to_posinf(jnp.abs(x - center[None, :]))
-    order = jnp.argsort(dev, axis=0, stable=True)[:k]
-    return row_mean(jnp.take_along_axis(x, order, axis=0))
+    n = x.shape[0]
+    # Row by row, for the reason given in `order_statistics`.
+    dev = [nan_to_posinf(jnp.abs(x[i] - center)) for i in range(n)]
+    (delta,) = order_statistics(jnp.stack(dev), [k - 1])
+    # Ties at delta still to take, after all strictly closer entries.
+    room = k - sum((dev[i] < delta).astype(jnp.int32) for i in range(n))
+    total = jnp.zeros_like(center)
+    for i in range(n):
+        tie = (dev[i] == delta) & (room > 0)
+        total = total + jnp.where((dev[i] < delta) | tie, x[i], 0.0)
+        room = room - tie.astype(jnp.int32)
+    return total / k

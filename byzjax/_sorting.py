@@ -1,0 +1,87 @@
+"""Order statistics over the worker axis by sorting networks.
+
+XLA:CPU's sort is a comparator loop: `jnp.median` over (25, 1e6) float32 took 2.5 s
+here, `jnp.sort` 2.8 s. A sorting network is a fixed list of min/max
+compare-exchanges between whole rows, i.e. elementwise ops that XLA fuses into one
+loop reading the input once; asking only for the order statistics needed lets XLA
+drop every comparator that does not feed them. Measured on 2 CPU cores with jax
+0.10.2 (float32, d = 1e6): the median of 25 rows took 11.7 ms against a read floor of
+8.7 ms; of 100 rows 121 ms against 20.6 ms. The network is Batcher's odd-even
+merge sort, padded to a power of two with +Inf rows whose comparators are dropped
+(a compare-exchange with a trailing +Inf is the identity).
+
+Two traps, both measured: (1) each consumer of a network output would get its own
+copy of the whole network fused in (a clip-and-sum over 25 rows took 400 ms instead
+of 15 ms), so outputs are materialised with `lax.optimization_barrier`; (2) the
+network has O(n log^2 n) comparators, so above `NETWORK_MAX_N` rows compile time
+grows past a few seconds and `jnp.sort` takes over.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Largest n sorted by a network: at n = 100 the median network compiled in 1.5 s.
+NETWORK_MAX_N = 128
+
+
+@functools.cache
+def batcher_pairs(n: int) -> tuple[tuple[int, int], ...]:
+    """Compare-exchange pairs (a, b), a < b, of Batcher's network for n inputs."""
+    size = 1 << max(n - 1, 0).bit_length()
+    out = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p) and b < n:
+                        out.append((a, b))
+            k //= 2
+        p *= 2
+    return tuple(out)
+
+
+def _network(rows: list[jax.Array]) -> list[jax.Array]:
+    rows = list(rows)
+    for a, b in batcher_pairs(len(rows)):
+        rows[a], rows[b] = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
+    return rows
+
+
+def order_statistics(x: jax.Array, ks: Sequence[int]) -> list[jax.Array]:
+    """The order statistics x_(k+1) (0-based k) of each column of an (n, d) array.
+
+    NaN sorts as +Inf (min/max would propagate it). The replacement is made row by
+    row: on the whole array first, XLA materialised it and the median of 25 rows
+    went from 17 ms to 75 ms.
+
+    Args:
+      x: (n, d) array.
+      ks: static 0-based ranks, each in [0, n).
+
+    Returns:
+      One (d,) array per rank, in the order of `ks`.
+    """
+    n = x.shape[0]
+    if n <= NETWORK_MAX_N:
+        ranked = _network([_nan_to_posinf(x[i]) for i in range(n)])
+    else:
+        ranked = jnp.sort(_nan_to_posinf(x), axis=0)
+    return list(lax.optimization_barrier(tuple(ranked[k] for k in ks)))
+
+
+def sort_rows(x: jax.Array) -> jax.Array:
+    """All order statistics: x sorted along axis 0, NaN as +Inf."""
+    return jnp.stack(order_statistics(x, range(x.shape[0])))
+
+
+def _nan_to_posinf(x: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isnan(x), jnp.inf, x)
