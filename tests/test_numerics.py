@@ -1,0 +1,102 @@
+"""Shared numerics against plain NumPy float64, on both code paths of each routine."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from byzjax import _numerics as nm
+from byzjax import _sorting
+
+
+def _sanitized(x):
+    return np.where(np.isnan(x), np.inf, x).astype(np.float64)
+
+
+def _with_bad_rows(rng, n, d, bad):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    values = [np.nan, np.inf, -np.inf, 1e38]
+    for r in range(bad):
+        x[r] = values[r % len(values)]
+    return x[rng.permutation(n)]
+
+
+@pytest.mark.parametrize("n", range(1, 11))
+def test_batcher_network_sorts_every_zero_one_input(n):
+    # 0-1 principle: a comparator network sorts everything iff it sorts all 0-1 inputs.
+    pairs = _sorting.batcher_pairs(n)
+    for bits in itertools.product((0, 1), repeat=n):
+        v = list(bits)
+        for a, b in pairs:
+            v[a], v[b] = min(v[a], v[b]), max(v[a], v[b])
+        assert v == sorted(bits)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 25, 33, 100, 129, 130])
+def test_order_statistics_match_numpy_sort(n):
+    rng = np.random.default_rng(n)
+    x = _with_bad_rows(rng, n, 7, min(n // 3, 4))
+    ks = sorted({0, n // 2, n - 1})
+    got = jax.jit(lambda x: _sorting.order_statistics(x, ks))(x)
+    want = np.sort(_sanitized(x), axis=0)
+    for k, g in zip(ks, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(g, np.float64), want[k])
+    np.testing.assert_array_equal(jax.jit(nm.sort_workers)(x), want.astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [2, 5, 8, 25, 130])
+def test_median_and_trimmed_mean_match_numpy(n):
+    rng = np.random.default_rng(100 + n)
+    b = (n - 1) // 4
+    x = _with_bad_rows(rng, n, 9, b)
+    s = np.sort(_sanitized(x), axis=0)
+    med = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+    np.testing.assert_allclose(jax.jit(nm.coordinate_median)(x), med, rtol=1e-6)
+    tm = s[b : n - b].mean(0)
+    got = jax.jit(lambda x: nm.coordinate_trimmed_mean(x, b))(x)
+    np.testing.assert_allclose(got, tm, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,k", [(5, 3), (8, 5), (25, 19), (130, 90)])
+def test_mean_around_breaks_ties_by_worker_index(n, k):
+    rng = np.random.default_rng(n)
+    # Small integers make equal deviations on both sides of the centre common.
+    x = rng.integers(-3, 4, size=(n, 11)).astype(np.float32)
+    x[0] = np.nan
+    center = np.zeros(11, np.float32)
+    got = jax.jit(lambda x, c: nm.coordinate_mean_around(x, c, k))(x, center)
+    dev = np.abs(_sanitized(x) - center)
+    want = np.empty(11)
+    for j in range(11):
+        order = np.lexsort((np.arange(n), dev[:, j]))[:k]
+        want[j] = x[order, j].astype(np.float64).mean()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,d", [(5, 300), (7, 4133), (40, 16500)])
+def test_pairwise_sq_dists_match_numpy_on_both_paths(n, d):
+    # d >= 2 blocks takes the blocked CPU Gram; small d the single matmul.
+    rng = np.random.default_rng(d)
+    x = rng.normal(size=(n, d)).astype(np.float32) + 3.0
+    x[1] = np.nan
+    center = np.median(x[2:], axis=0).astype(np.float32)
+    got = np.asarray(jax.jit(nm.pairwise_sq_dists)(x, center), np.float64)
+    x64 = x.astype(np.float64)
+    want = ((x64[:, None, :] - x64[None, :, :]) ** 2).sum(-1)
+    want[1, :] = want[:, 1] = np.inf
+    np.fill_diagonal(want, 0.0)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 25])
+def test_row_sum_and_norms(n):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 13)).astype(np.float32)
+    np.testing.assert_allclose(
+        jax.jit(nm.row_sum)(x), x.astype(np.float64).sum(0), rtol=1e-5, atol=1e-6
+    )
+    x[0] = 1e38
+    want = np.linalg.norm(x.astype(np.float64), axis=1)
+    want[0] = np.inf  # squared norm overflows float32: treated as +Inf
+    np.testing.assert_allclose(jax.jit(nm.norms)(x), want, rtol=1e-5)
