@@ -30,10 +30,10 @@ DEMO_DEFAULTS = {
     "model": "mlp",
     "workers": 25,
     "byzantine": 5,
-    "steps": 100,
-    "eval_every": 20,
+    "steps": 300,
+    "eval_every": 25,
     "log_every": 10,
-    "lr": 0.3,
+    "lr": 0.1,
     "influence": False,
     "out": "runs/demo",
 }

@@ -61,8 +61,9 @@ def test_same_seed_same_metrics_other_seed_differs():
     a = sim.run(cfg, progress=False, write=False).records
     b = sim.run(cfg, progress=False, write=False).records
     c = sim.run(dataclasses.replace(cfg, seed=1), progress=False, write=False).records
-    assert a == b
-    assert a != c
+    np.testing.assert_equal(a, b)  # NaN == NaN here (metrics a rule does not log)
+    with pytest.raises(AssertionError):
+        np.testing.assert_equal(a, c)
 
 
 def test_diagnostics_match_numpy():
@@ -104,7 +105,8 @@ def test_influence_counts_krum_selection():
 
 
 def test_influence_of_mean_is_f_over_n():
-    _, _, aux = inspect_first_step(small(aggregator="mean", attack="ipm"))
+    cfg = small(aggregator="mean", attack="ipm", influence=True)
+    _, _, aux = inspect_first_step(cfg)
     assert aux["metrics"]["byz_weight"] == pytest.approx(0.2, rel=1e-5)
     assert aux["metrics"]["byz_selected"] == 2
     assert aux["metrics"]["n_selected"] == 10

@@ -87,8 +87,10 @@ class Config:
     )
     eval_every: int = _f(50, "evaluate the test set every this many steps")
     log_every: int = _f(10, "write one metrics record every this many steps")
-    influence: bool = _f(
-        True, "log the Byzantine rows' influence on the aggregate (one extra VJP)"
+    influence: bool | None = _f(
+        None,
+        "log the Byzantine rows' influence on the aggregate (one extra VJP); "
+        "default: on for the selection rules krum, multi_krum, bulyan, mda",
     )
     seed: int = _f(0, "PRNG seed (model init, batches, placement, attack)")
     data_seed: int = _f(0, "seed of the train/test split and the partition")
@@ -163,7 +165,7 @@ def _coerce(name: str, value: Any) -> Any:
         if not math.isfinite(value):
             raise ConfigError(name, f"expected a finite number, got {value!r}")
         return float(value)
-    if kind == "bool":
+    if kind in ("bool", "bool | None"):
         if not isinstance(value, bool):
             raise ConfigError(name, f"expected true or false, got {value!r}")
         return value

@@ -353,7 +353,13 @@ def build(
     }
     use_momentum = config.momentum > 0
     random_placement = config.placement == "random"
-    influence = config.influence and _influence_traces(agg, n, d, agg_split)
+    influence = config.influence
+    if influence is None:
+        # Selection rules are where "how many chosen rows were Byzantine" means
+        # something; the VJP through a sorting network (median) tripled its compile
+        # time and cost 90 % of the step, so other rules opt in.
+        influence = config.aggregator in SELECTION_RULES
+    influence = influence and _influence_traces(agg, n, d, agg_split)
     trace_count = [0]
 
     def init(key) -> TrainState:
@@ -499,6 +505,9 @@ def build(
         unravel=unravel,
         traces=lambda: trace_count[0],
     )
+
+
+SELECTION_RULES = ("krum", "multi_krum", "bulyan", "mda")
 
 
 def _influence_traces(agg: aggregators.Aggregator, n: int, d: int, split) -> bool:
