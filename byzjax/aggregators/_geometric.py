@@ -107,11 +107,16 @@ def geometric_median(
         usable = jnp.isfinite(norms(x))
         clean = jnp.where(usable[:, None], x, 0.0)
 
+        # Row by row: distances and the weighted sum each read x once, fused; the
+        # (n, d) temporaries of `x - z` and `beta * x` made T = 8 steps at
+        # (25, 1e6) take 404 ms on XLA:CPU.
+        rows = [clean[i] for i in range(n)]
+
         def step(_, z):
-            dist = norms(x - z[None, :])
-            beta = jnp.where(usable, 1.0 / jnp.maximum(floor, dist), 0.0)
+            sq = jnp.stack([jnp.sum(jnp.square(r - z)) for r in rows])
+            beta = jnp.where(usable, 1.0 / jnp.maximum(floor, jnp.sqrt(sq)), 0.0)
             total = beta.sum()
-            moved = row_sum(beta[:, None] * clean) / total
+            moved = sum(b * r for b, r in zip(beta, rows, strict=True)) / total
             return jnp.where(total > 0, moved, z)
 
         return lax.fori_loop(0, iterations, step, _start(x, init))
