@@ -191,3 +191,14 @@ def coordinate_mean_around(x: jax.Array, center: jax.Array, k: int) -> jax.Array
         total = total + jnp.where((dev[i] < delta) | tie, x[i], 0.0)
         room = room - tie.astype(jnp.int32)
     return total / k
+
+
+def robust_center(x: jax.Array, f: int) -> jax.Array:
+    """A centre for `pairwise_sq_dists`: the coordinate median of 2f + 1 rows.
+
+    Any 2f + 1 rows hold at most f Byzantine ones, so their coordinate-wise median
+    lies inside the honest range of every coordinate, which is all the centring
+    needs (a 1e38 row cannot move it); a median over all n rows costs a sorting
+    network over n rows (230 ms at (100, 1e6) on XLA:CPU, more than the Gram).
+    """
+    return coordinate_median(x[: min(x.shape[0], 2 * f + 1)])

@@ -22,6 +22,7 @@ from byzjax._numerics import (
     coordinate_median,
     nan_to_posinf,
     pairwise_sq_dists,
+    robust_center,
     smallest_k,
 )
 from byzjax.aggregators._base import Aggregator, stateless
@@ -43,7 +44,7 @@ def bulyan_selection(x: jax.Array, f: int, theta: int) -> jax.Array:
       (theta,) int32 indices.
     """
     n = x.shape[0]
-    dist = pairwise_sq_dists(x, center=coordinate_median(x))
+    dist = pairwise_sq_dists(x, center=robust_center(x, f))
     eye = jnp.eye(n, dtype=bool)
     # k_t shrinks with t but top_k needs a static count: take the largest, k_0, and
     # keep the first k_t of each row.

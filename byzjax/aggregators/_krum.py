@@ -17,10 +17,9 @@ import jax.numpy as jnp
 
 from byzjax._checks import require, static_int
 from byzjax._numerics import (
-    coordinate_median,
     nan_to_posinf,
     pairwise_sq_dists,
-    row_mean,
+    robust_center,
     smallest_k,
 )
 from byzjax.aggregators._base import Aggregator, stateless
@@ -31,18 +30,19 @@ from byzjax.aggregators._base import Aggregator, stateless
 _KRUM_VARIANTS = {"paper": 2, "byzfl": 1}
 
 
-def krum_scores(x: jax.Array, k: int) -> jax.Array:
+def krum_scores(x: jax.Array, k: int, f: int) -> jax.Array:
     """Krum scores s_i = sum of the k smallest D_ij over j != i (squared distances).
 
     Args:
       x: (n, d) array in the compute dtype.
       k: static neighbour count, 1 <= k <= n - 1.
+      f: number of Byzantine workers tolerated (for the robust centring).
 
     Returns:
       (n,) scores; +Inf for a row without k finite distances.
     """
     n = x.shape[0]
-    dist = pairwise_sq_dists(x, center=coordinate_median(x))
+    dist = pairwise_sq_dists(x, center=robust_center(x, f))
     # Self distance is excluded: +Inf on the diagonal keeps it out of the k smallest.
     dist = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, dist)
     nearest, _ = smallest_k(dist, k)
@@ -93,7 +93,7 @@ def krum(
 
     def fn(x, params):
         k = _neighbours("krum", x.shape[0], f, neighbors, variant)
-        return x[jnp.argmin(krum_scores(x, k))]
+        return x[jnp.argmin(krum_scores(x, k, f))]
 
     return stateless(fn)
 
@@ -139,8 +139,11 @@ def multi_krum(
         k = _neighbours("multi_krum", n, f, neighbors, variant)
         count = n - f if m is None else m
         require(count <= n, "multi_krum", "1 <= m <= n", n=n, f=f, m=count)
-        _, chosen = smallest_k(krum_scores(x, k), count)
-        return row_mean(x[chosen])
+        _, chosen = smallest_k(krum_scores(x, k, f), count)
+        # One dynamic row slice per chosen index, summed in one fused loop: the
+        # gather `x[chosen]` wrote an (m, d) copy first (130 vs 80 ms for Krum at
+        # (25, 1e6) on XLA:CPU).
+        return sum(x[chosen[r]] for r in range(count)) / count
 
     return stateless(fn)
 

@@ -24,9 +24,9 @@ from byzjax._checks import require, static_int
 from byzjax._numerics import (
     HIGHEST,
     compute_dtype,
-    coordinate_median,
     norms,
     pairwise_sq_dists,
+    robust_center,
     smallest_k,
 )
 from byzjax.aggregators._base import PreAggregator, stateless_pre
@@ -63,7 +63,7 @@ def nnm(f: int = 0) -> PreAggregator:
     def fn(x, params):
         n = x.shape[0]
         require(n >= 2 * f + 1, "nnm", "n >= 2f + 1", n=n, f=f)
-        dist = pairwise_sq_dists(x, center=coordinate_median(x))
+        dist = pairwise_sq_dists(x, center=robust_center(x, f))
         _, near = smallest_k(dist, n - f)
         mixing = jnp.zeros((n, n), x.dtype).at[jnp.arange(n)[:, None], near].set(1.0)
         clean = jnp.where(jnp.isfinite(x), x, 0.0)
