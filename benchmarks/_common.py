@@ -1,0 +1,84 @@
+"""Shared timing helpers of the benchmarks: honest timings, hardware records.
+
+Inputs are passed to the jitted function as arguments (a closed-over array is a
+constant that XLA may fold, and the timing would be fiction); compile time is
+measured apart from the warm runs; every run ends with `block_until_ready`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+
+def hardware() -> dict:
+    """Device, CPU model and versions, recorded with every measurement."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return {
+        "platform": dev.platform,
+        "device": dev.device_kind,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+    }
+
+
+def time_jitted(fn, *args, repeats: int = 5) -> dict:
+    """Compile seconds, median warm seconds and temp bytes of `jax.jit(fn)(*args)`."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(compiled(*args))  # warm-up
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        runs.append(time.perf_counter() - start)
+    temp = None
+    try:
+        temp = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        pass
+    return {"compile_s": compile_s, "seconds": statistics.median(runs), "temp": temp}
+
+
+def read_floor(x: jax.Array, repeats: int = 5) -> float:
+    """Seconds to read x once: the faster of `ones @ x` and a row-by-row sum."""
+    ones = jnp.ones((x.shape[0],), x.dtype)
+
+    def matvec(o, x):
+        return jnp.matmul(o, x, precision=jax.lax.Precision.HIGHEST)
+
+    def rows(x):
+        total = x[0]
+        for i in range(1, x.shape[0]):
+            total = total + x[i]
+        return total
+
+    return min(
+        time_jitted(matvec, ones, x, repeats=repeats)["seconds"],
+        time_jitted(rows, x, repeats=repeats)["seconds"],
+    )
+
+
+def emit(record: dict, out) -> None:
+    """Writes one JSON line to `out` (a file object) and flushes it."""
+    out.write(json.dumps(record) + "\n")
+    out.flush()

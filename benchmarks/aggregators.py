@@ -1,0 +1,151 @@
+"""Throughput of every registered rule, pre-aggregator and attack.
+
+One JSON line per (kind, name, n, d, dtype): compile seconds, the median of warm
+runs, GB/s (bytes of the (n, d) input read once / time) and the fraction of the read
+floor measured in the same run on the same array (floor seconds / rule seconds; 1.0 =
+at the floor). Pre-aggregators are timed chained before `mean`.
+
+  python benchmarks/aggregators.py --n 25 100 --d 1e6 --dtype float32 \
+      --out benchmarks/results/aggregators.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import byzjax
+
+if __package__ in (None, ""):
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import emit, hardware, read_floor, time_jitted  # noqa: E402
+
+# Hyperparameters that a rule cannot do without (tau has no default).
+RULE_PARAMS = {"centered_clipping": {"tau": 1.0}}
+PRE_PARAMS = {"clipping": {"tau": 1.0}}
+ATTACK_PARAMS = {"sign_flip": {}, "fang": {}}
+
+
+def default_f(name: str, n: int) -> int:
+    """A Byzantine count valid for the rule: n // 4 - 1, lowered to its bound."""
+    f = max(n // 4 - 1, 1)
+    if name == "bulyan":
+        f = min(f, (n - 3) // 4)
+    if name in ("krum", "multi_krum"):
+        f = min(f, (n - 3) // 2)
+    if name == "mda":
+        while f > 0 and math.comb(n, f) > 2_000_000:
+            f -= 1
+    return f
+
+
+def _rule_fn(agg):
+    def fn(x):
+        return agg.update(x, agg.init(x), agg.default_params)[0]
+
+    return fn
+
+
+def cases(kinds, names):
+    for name in byzjax.aggregators.names():
+        if "rule" in kinds and (not names or name in names):
+            yield "rule", name
+    for name in byzjax.aggregators.pre_names():
+        if "pre" in kinds and (not names or name in names):
+            yield "pre", name
+    for name in byzjax.attacks.names():
+        if "attack" in kinds and (not names or name in names):
+            yield "attack", name
+
+
+def measure(kind, name, x, f, repeats):
+    if kind == "rule":
+        agg = byzjax.aggregators.build(name, f=f, **RULE_PARAMS.get(name, {}))
+        return time_jitted(_rule_fn(agg), x, repeats=repeats)
+    if kind == "pre":
+        agg = byzjax.aggregators.build(
+            "mean", f=f, pre=[(name, PRE_PARAMS.get(name, {}))]
+        )
+        return time_jitted(_rule_fn(agg), x, repeats=repeats)
+    atk = byzjax.attacks.build(name, **ATTACK_PARAMS.get(name, {}))
+    honest = x[f:]
+    key = jax.random.key(0)
+    return time_jitted(
+        lambda k, h: atk.apply(k, h, atk.default_params, f),
+        key,
+        honest,
+        repeats=repeats,
+    )
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[25, 100])
+    p.add_argument("--d", type=float, nargs="+", default=[1e6])
+    p.add_argument("--dtype", nargs="+", default=["float32"])
+    p.add_argument("--kinds", nargs="+", default=["rule", "pre", "attack"])
+    p.add_argument("--names", nargs="*", default=[])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/results/aggregators.jsonl")
+    args = p.parse_args(argv)
+    hw = hardware()
+    with open(args.out, "a") as out:
+        for dtype in args.dtype:
+            for n in args.n:
+                for d in map(int, args.d):
+                    rng = np.random.default_rng(0)
+                    x = jnp.asarray(rng.normal(size=(n, d)), dtype=dtype)
+                    floor = read_floor(x, args.repeats)
+                    gb = n * d * x.dtype.itemsize / 1e9
+                    emit(
+                        {
+                            **hw,
+                            "kind": "floor",
+                            "name": "read",
+                            "n": n,
+                            "d": d,
+                            "dtype": dtype,
+                            "seconds": floor,
+                            "gbps": gb / floor,
+                        },
+                        out,
+                    )
+                    for kind, name in cases(args.kinds, args.names):
+                        f = default_f(name, n)
+                        rec = {
+                            **hw,
+                            "kind": kind,
+                            "name": name,
+                            "n": n,
+                            "d": d,
+                            "f": f,
+                            "dtype": dtype,
+                            "floor_s": floor,
+                        }
+                        try:
+                            t = measure(kind, name, x, f, args.repeats)
+                            rec.update(
+                                t,
+                                gbps=gb / t["seconds"],
+                                floor_fraction=floor / t["seconds"],
+                            )
+                        except Exception as err:  # noqa: BLE001 - recorded, go on
+                            rec["error"] = f"{type(err).__name__}: {err}"[:300]
+                        emit(rec, out)
+                        print(
+                            f"{kind:6s} {name:20s} n={n} d={d} {dtype}: "
+                            f"{rec.get('seconds', float('nan')) * 1e3:9.1f} ms "
+                            f"({rec.get('floor_fraction', 0):.2f} of floor) "
+                            f"{rec.get('error', '')}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+
+
+if __name__ == "__main__":
+    main()
