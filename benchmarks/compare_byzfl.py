@@ -1,0 +1,186 @@
+"""byzjax against ByzFL 0.0.11 (PyTorch, CPU), same shapes, side by side in one run.
+
+ByzFL lives in its own virtual environment (.byzfl-venv, created on first use:
+`pip install torch==2.13.0`, then `byzfl==0.0.11 torch==2.13.0`). `import byzfl`
+imports its federated framework and with it torchvision, whose PyPI build fails next
+to CPU torch (`operator torchvision::nms does not exist`); the child process
+therefore registers `byzfl` as a bare namespace and imports only
+`byzfl.aggregators` and `byzfl.attacks`, which need torch and numpy alone.
+
+Each ByzFL object is built with the settings of the byzjax rule it is paired with
+(ByzFL parity presets where outputs differ: Krum's neighbour count and geometric
+median's start/nu/T; see docs/conventions.md). Speed ratio = ByzFL s / byzjax s.
+
+  python benchmarks/compare_byzfl.py --n 25 100 --d 1e6 \
+      --out benchmarks/results/byzfl.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import aggregators as bench  # noqa: E402
+from _common import emit, hardware, time_jitted  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.path.join(ROOT, ".byzfl-venv")
+
+# (kind, byzjax name, byzjax params, ByzFL expression with f, a label)
+PAIRS = [
+    ("rule", "mean", {}, "agg.Average()"),
+    ("rule", "median", {}, "agg.Median()"),
+    ("rule", "trimmed_mean", {}, "agg.TrMean(f=f)"),
+    ("rule", "mean_around_median", {}, "agg.Meamed(f=f)"),
+    ("rule", "geometric_median", {"preset": "byzfl"}, "agg.GeometricMedian(0.1, 3)"),
+    ("rule", "krum", {"variant": "byzfl"}, "agg.Krum(f=f)"),
+    ("rule", "multi_krum", {"variant": "byzfl"}, "agg.MultiKrum(f=f)"),
+    ("rule", "centered_clipping", {"tau": 100.0}, "agg.CenteredClipping(tau=100.0)"),
+    ("pre", "nnm", {}, "agg.NNM(f=f)"),
+    ("pre", "arc", {}, "agg.ARC(f=f)"),
+    ("pre", "clipping", {"tau": 2.0}, "agg.Clipping(c=2.0)"),
+    ("attack", "alie", {"z": 1.5}, "atk.ALittleIsEnough(tau=1.5)"),
+    ("attack", "ipm", {"eps": 1.0}, "atk.InnerProductManipulation(tau=2.0)"),
+    ("attack", "sign_flip", {}, "atk.SignFlipping()"),
+]
+
+CHILD = textwrap.dedent(
+    """
+    import importlib.util, json, statistics, sys, time, types
+    import numpy as np, torch
+    spec = importlib.util.find_spec("byzfl")
+    pkg = types.ModuleType("byzfl")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["byzfl"] = pkg
+    import byzfl.aggregators as agg, byzfl.attacks as atk
+    n, d, f, repeats = (int(a) for a in sys.argv[1:5])
+    exprs = json.loads(sys.argv[5])
+    skip_over = float(sys.argv[6])
+    x = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+    x = torch.from_numpy(x)
+    for name, expr, kind, gib in exprs:
+        if gib > skip_over:
+            skipped = f"needs ~{gib:.0f} GiB"
+            print(json.dumps({"name": name, "skipped": skipped}), flush=True)
+            continue
+        obj = eval(expr)
+        arg = x[f:] if kind == "attack" else x
+        obj(arg)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter(); obj(arg); runs.append(time.perf_counter() - t)
+        seconds = statistics.median(runs)
+        print(json.dumps({"name": name, "seconds": seconds}), flush=True)
+    """
+)
+
+
+def ensure_venv() -> str:
+    python = os.path.join(VENV, "bin", "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+        # pip, not uv: the CPU wheel of torch 2.13.0 is found on this machine's disk,
+        # where uv would download a CUDA build of several GB.
+        pip = [python, "-m", "pip", "install", "-q"]
+        subprocess.run(pip + ["torch==2.13.0"], check=True)
+        subprocess.run(pip + ["byzfl==0.0.11", "torch==2.13.0"], check=True)
+    return python
+
+
+def byzfl_times(python, n, d, f, repeats, max_gib):
+    # ByzFL's NNM gathers an (n, n - f, d) float32 tensor.
+    exprs = [
+        (name, expr, kind, (n * (n - f) * d * 4 / 2**30) if name == "nnm" else 0.0)
+        for kind, name, _, expr in PAIRS
+    ]
+    out = subprocess.run(
+        [
+            python,
+            "-c",
+            CHILD,
+            str(n),
+            str(d),
+            str(f),
+            str(repeats),
+            json.dumps(exprs),
+            str(max_gib),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    ).stdout
+    return {r["name"]: r for r in map(json.loads, out.splitlines())}
+
+
+def byzjax_time(kind, name, params, x, f, repeats):
+    if kind == "rule":
+        agg = bench.byzjax.aggregators.build(name, f=f, **params)
+        return time_jitted(bench._rule_fn(agg), x, repeats=repeats)["seconds"]
+    if kind == "pre":
+        agg = bench.byzjax.aggregators.build("mean", f=f, pre=[(name, params)])
+        return time_jitted(bench._rule_fn(agg), x, repeats=repeats)["seconds"]
+    atk = bench.byzjax.attacks.build(name, **params)
+    key = bench.jax.random.key(0)
+    return time_jitted(
+        lambda k, h: atk.apply(k, h, atk.default_params, f), key, x[f:], repeats=repeats
+    )["seconds"]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[25, 100])
+    p.add_argument("--d", type=float, nargs="+", default=[1e6])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-gib", type=float, default=12.0)
+    p.add_argument("--out", default="benchmarks/results/byzfl.jsonl")
+    args = p.parse_args(argv)
+    python = ensure_venv()
+    hw = hardware()
+    with open(args.out, "a") as out:
+        for n in args.n:
+            for d in map(int, args.d):
+                f = n // 4 - 1
+                theirs = byzfl_times(python, n, d, f, args.repeats, args.max_gib)
+                x = jnp.asarray(np.random.default_rng(0).normal(size=(n, d)), "float32")
+                for kind, name, params, expr in PAIRS:
+                    ours = byzjax_time(kind, name, params, x, f, args.repeats)
+                    rec = {
+                        **hw,
+                        "kind": kind,
+                        "name": name,
+                        "n": n,
+                        "d": d,
+                        "f": f,
+                        "byzfl": expr,
+                        "byzjax_s": ours,
+                        **{
+                            ("byzfl_s" if k == "seconds" else k): v
+                            for k, v in theirs[name].items()
+                            if k != "name"
+                        },
+                    }
+                    if "byzfl_s" in rec:
+                        rec["ratio"] = rec["byzfl_s"] / ours
+                    emit(rec, out)
+                    print(
+                        f"{name:20s} n={n} d={d}: byzjax {ours * 1e3:8.1f} ms  "
+                        f"byzfl {rec.get('byzfl_s', float('nan')) * 1e3:8.1f} ms  "
+                        f"x{rec.get('ratio', float('nan')):.1f} "
+                        f"{rec.get('skipped', '')}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()
