@@ -36,7 +36,18 @@ def row_sum(x: jax.Array) -> jax.Array:
     while the row additions fuse into one elementwise loop that reads `x` once. A
     pairwise tree keeps the float rounding at O(log n).
     """
-    rows = [x[i] for i in range(x.shape[0])]
+    return map_rows_sum(lambda row: row, x)
+
+
+def map_rows_sum(fn, x: jax.Array) -> jax.Array:
+    """sum_i fn(x_i) over the rows of an (n, d) array, fused into one pass.
+
+    Apply elementwise work row by row through this rather than to the whole array
+    before `row_sum`: XLA:CPU materialises a whole-array temporary that is then
+    sliced into rows (sign votes over (25, 1e6) took 100 ms that way, against a read
+    floor of 7 ms).
+    """
+    rows = [fn(x[i]) for i in range(x.shape[0])]
     while len(rows) > 1:
         paired = [a + b for a, b in zip(rows[0::2], rows[1::2], strict=False)]
         if len(rows) % 2:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from byzjax._checks import require, static_int
-from byzjax._numerics import compute_dtype, norms, row_mean
+from byzjax._numerics import compute_dtype, nan_to_posinf, norms
 from byzjax.aggregators._base import Aggregator
 
 
@@ -38,10 +38,15 @@ def clip_rows(x: jax.Array, radius: jax.Array, r: jax.Array | None = None):
       (n, d) array, every row of norm <= its radius (or unchanged if already inside).
     """
     r = norms(x) if r is None else r
+    scale, broken = clip_factors(r, radius)
+    return jnp.where(broken[:, None], 0.0, x * scale[:, None])
+
+
+def clip_factors(r: jax.Array, radius: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row scale min(1, radius / r) and whether the row must be zeroed instead."""
     clipped = r > radius
     scale = jnp.where(clipped, radius / r, 1.0)
-    broken = clipped & ~jnp.isfinite(r)
-    return jnp.where(broken[:, None], 0.0, x * scale[:, None])
+    return scale, clipped & ~jnp.isfinite(r)
 
 
 def _required_tau(rule: str, tau) -> float:
@@ -95,7 +100,14 @@ def centered_clipping(
         radius = jnp.asarray(params["tau"], x.dtype)
 
         def step(_, v):
-            return v + row_mean(clip_rows(x - v[None, :], radius))
+            # Row by row (see `map_rows_sum`): distances and the clipped sum each
+            # read x once instead of writing (n, d) temporaries.
+            sq = jnp.stack([jnp.sum(jnp.square(x[i] - v)) for i in range(n)])
+            scale, broken = clip_factors(jnp.sqrt(nan_to_posinf(sq)), radius)
+            moved = sum(
+                jnp.where(broken[i], 0.0, (x[i] - v) * scale[i]) for i in range(n)
+            )
+            return v + moved / n
 
         v = lax.fori_loop(0, iterations, step, state.astype(x.dtype))
         return v.astype(grads.dtype), v

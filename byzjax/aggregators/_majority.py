@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from byzjax._checks import require, static_int
-from byzjax._numerics import row_sum
+from byzjax._numerics import map_rows_sum
 from byzjax.aggregators._base import Aggregator, stateless
 
 
@@ -51,8 +51,10 @@ def sign_majority(f: int = 0, *, zero_sign: int = 0) -> Aggregator:
     def fn(x, params):
         n = x.shape[0]
         require(n >= 2 * f + 1, "sign_majority", "n >= 2f + 1", n=n, f=f)
-        votes = jnp.where(jnp.isnan(x), 0.0, _sign(x, zero_sign))
-        return _sign(row_sum(votes), zero_sign)
+        votes = map_rows_sum(
+            lambda r: jnp.where(jnp.isnan(r), 0.0, _sign(r, zero_sign)), x
+        )
+        return _sign(votes, zero_sign)
 
     return stateless(fn)
 
