@@ -73,12 +73,13 @@ def time_jitted(fn, *args, repeats: int = 5, budget_s: float = 3.0) -> dict:
 
 
 def read_floor(x: jax.Array, repeats: int = 5) -> float:
-    """Seconds to read x once: the fastest of `ones @ x` and two row-by-row sums.
+    """Seconds to read x once: the fastest of `ones @ x` and row-by-row sums.
 
-    The second row sum accumulates in float32: XLA:CPU computes bfloat16 sums
-    through conversions, and the bfloat16 sum of (25, 1e6) took 104 ms against 13 ms
-    for float32 input, so it is not a floor; converting each row to float32 inside
-    the fused sum reads the half-size input at memory speed.
+    For a dtype narrower than float32 the candidates also include a row sum of a
+    float32 array of the same bytes: XLA:CPU has no fast bfloat16 read kernel (its
+    best bfloat16 row sum of (25, 1e6) took 69 ms, with float32 conversions inside,
+    against 3 to 6 ms to read the same 50 MB as float32), so the floor of a bfloat16
+    input is the time the memory system needs for its bytes.
     """
     ones = jnp.ones((x.shape[0],), x.dtype)
 
@@ -91,15 +92,13 @@ def read_floor(x: jax.Array, repeats: int = 5) -> float:
             total = total + x[i]
         return total
 
-    def rows_f32(x):
-        total = x[0].astype(jnp.float32)
-        for i in range(1, x.shape[0]):
-            total = total + x[i].astype(jnp.float32)
-        return total
-
+    candidates = [(matvec, (ones, x)), (rows, (x,))]
+    if x.dtype.itemsize < 4:
+        words = x.shape[1] * x.dtype.itemsize // 4
+        same_bytes = jnp.ones((x.shape[0], words), jnp.float32)
+        candidates.append((rows, (same_bytes,)))
     return min(
-        time_jitted(fn, *args, repeats=repeats)["seconds"]
-        for fn, args in ((matvec, (ones, x)), (rows, (x,)), (rows_f32, (x,)))
+        time_jitted(fn, *args, repeats=repeats)["seconds"] for fn, args in candidates
     )
 
 
@@ -109,6 +108,11 @@ def command() -> str:
 
 
 def emit(record: dict, out) -> None:
-    """Writes one JSON line to `out` (a file object) and flushes it."""
+    """Writes one JSON line to `out` (a file object) and flushes it.
+
+    The 1-minute load average goes with it: on a shared machine a line taken under
+    load (load1 above the core count) is slower than the code is.
+    """
+    record = {**record, "load1": os.getloadavg()[0], "time": time.time()}
     out.write(json.dumps(record) + "\n")
     out.flush()
