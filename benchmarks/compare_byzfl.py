@@ -11,6 +11,10 @@ Each ByzFL object is built with the settings of the byzjax rule it is paired wit
 (ByzFL parity presets where outputs differ: Krum's neighbour count and geometric
 median's start/nu/T; see docs/conventions.md). Speed ratio = ByzFL s / byzjax s.
 
+The training step (25 workers, MLP 784-100-10, batch 50, ALIE, Krum and median) is
+timed both ways too: byzjax's simulator against the equivalent PyTorch loop built
+from ByzFL's objects (`TRAIN_CHILD`).
+
   python benchmarks/compare_byzfl.py --n 25 100 --d 1e6 \
       --out benchmarks/results/byzfl.jsonl
 """
@@ -30,7 +34,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aggregators as bench  # noqa: E402
-from _common import emit, hardware, time_jitted  # noqa: E402
+from _common import command, emit, hardware, time_jitted  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".byzfl-venv")
@@ -84,6 +88,61 @@ CHILD = textwrap.dedent(
 )
 
 
+# ByzFL's training loop cannot be imported here (its framework imports torchvision),
+# so this is the same loop written with ByzFL's own aggregator and attack objects,
+# as ByzFL's `Client`/`Server` run it: every honest worker computes its gradient on
+# its own minibatch one after another (one backward each), the attack builds one
+# vector from the honest ones that the f Byzantine workers all send, the server
+# aggregates the n flat vectors, unflattens them and takes an SGD step. The inputs
+# are random MNIST-shaped data: speed does not depend on the pixel values.
+TRAIN_CHILD = textwrap.dedent(
+    """
+    import importlib.util, json, sys, time, types
+    import torch
+    spec = importlib.util.find_spec("byzfl")
+    pkg = types.ModuleType("byzfl")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["byzfl"] = pkg
+    import byzfl.aggregators as agg, byzfl.attacks as atk
+    n, f, batch, steps = (int(a) for a in sys.argv[1:5])
+    rule = sys.argv[5]
+    torch.manual_seed(0)
+    xs, ys = torch.randn(5000, 784), torch.randint(0, 10, (5000,))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10)
+    )
+    params = list(model.parameters())
+    aggregator = {"krum": agg.Krum(f=f), "median": agg.Median()}[rule]
+    attack = atk.ALittleIsEnough(tau=1.5)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        grads = []
+        for _ in range(n - f):
+            idx = torch.randint(0, 5000, (batch,))
+            model.zero_grad()
+            loss_fn(model(xs[idx]), ys[idx]).backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
+        honest = torch.stack(grads)
+        byz = attack(honest)
+        out = aggregator(torch.cat([honest, byz.expand(f, -1)]))
+        with torch.no_grad():
+            start = 0
+            for p in params:
+                p -= 0.1 * out[start : start + p.numel()].reshape(p.shape)
+                start += p.numel()
+
+    for _ in range(10):
+        step()  # warm-up
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = time.perf_counter() - t
+    print(json.dumps({"rule": rule, "steps_per_s": steps / seconds}), flush=True)
+    """
+)
+
+
 def ensure_venv() -> str:
     python = os.path.join(VENV, "bin", "python")
     if not os.path.exists(python):
@@ -122,6 +181,66 @@ def byzfl_times(python, n, d, f, repeats, max_gib):
     return {r["name"]: r for r in map(json.loads, out.splitlines())}
 
 
+def byzfl_train(python, rule, n, f, batch, steps):
+    out = subprocess.run(
+        [python, "-c", TRAIN_CHILD, str(n), str(f), str(batch), str(steps), rule],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    ).stdout
+    return json.loads(out.splitlines()[-1])["steps_per_s"]
+
+
+def byzjax_train(rule, n, f, batch, steps):
+    """Steps/s of byzjax's simulator step in the same setting (see train_step.py)."""
+    import dataclasses
+
+    from byzjax import sim
+
+    cfg = dataclasses.replace(
+        sim.Config(),
+        dataset="mnist5k",
+        model="mlp",
+        workers=n,
+        byzantine=f,
+        attack="alie",
+        aggregator=rule,
+        batch_size=batch,
+        steps=steps,
+        eval_every=steps,
+        log_every=steps,
+        influence=False,
+    )
+    return sim.run(cfg, progress=False, write=False).summary["steps_per_s"]
+
+
+def train_compare(python, hw, out, steps):
+    n, f, batch = 25, 5, 50
+    for rule in ("krum", "median"):
+        theirs = byzfl_train(python, rule, n, f, batch, max(steps // 5, 20))
+        ours = byzjax_train(rule, n, f, batch, steps)
+        rec = {
+            **hw,
+            "kind": "train",
+            "name": rule,
+            "attack": "alie",
+            "n": n,
+            "f": f,
+            "batch": batch,
+            "byzfl_steps_per_s": theirs,
+            "byzjax_steps_per_s": ours,
+            "ratio": ours / theirs,
+        }
+        emit(rec, out)
+        print(
+            f"train {rule:8s}: byzjax {ours:7.1f} steps/s  byzfl {theirs:6.1f} "
+            f"steps/s  x{ours / theirs:.1f}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def byzjax_time(kind, name, params, x, f, repeats):
     if kind == "rule":
         agg = bench.byzjax.aggregators.build(name, f=f, **params)
@@ -142,11 +261,18 @@ def main(argv=None) -> None:
     p.add_argument("--d", type=float, nargs="+", default=[1e6])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-gib", type=float, default=12.0)
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--no-train", action="store_true", help="skip the training loops")
+    p.add_argument("--quick", action="store_true", help="n=25, d=1e5")
     p.add_argument("--out", default="benchmarks/results/byzfl.jsonl")
     args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.d = [25], [1e5]
     python = ensure_venv()
-    hw = hardware()
+    hw = {**hardware(), "command": command()}
     with open(args.out, "a") as out:
+        if not args.no_train:
+            train_compare(python, hw, out, args.train_steps)
         for n in args.n:
             for d in map(int, args.d):
                 f = n // 4 - 1
