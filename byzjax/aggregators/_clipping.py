@@ -17,7 +17,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from byzjax._checks import require, static_int
-from byzjax._numerics import compute_dtype, nan_to_posinf, norms
+from byzjax._numerics import (
+    HIGHEST,
+    compute_dtype,
+    nan_to_posinf,
+    norms,
+    stack_rows,
+    sum_rows,
+)
 from byzjax.aggregators._base import Aggregator
 
 
@@ -39,7 +46,7 @@ def clip_rows(x: jax.Array, radius: jax.Array, r: jax.Array | None = None):
     """
     r = norms(x) if r is None else r
     scale, broken = clip_factors(r, radius)
-    return jnp.where(broken[:, None], 0.0, x * scale[:, None])
+    return stack_rows(lambda i: jnp.where(broken[i], 0.0, x[i] * scale[i]), x.shape[0])
 
 
 def clip_factors(r: jax.Array, radius: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -100,12 +107,13 @@ def centered_clipping(
         radius = jnp.asarray(params["tau"], x.dtype)
 
         def step(_, v):
-            # Row by row (see `map_rows_sum`): distances and the clipped sum each
-            # read x once instead of writing (n, d) temporaries.
-            sq = jnp.stack([jnp.sum(jnp.square(x[i] - v)) for i in range(n)])
+            # Two reads of x, no (n, d) temporary: the distances as one whole-array
+            # reduction (XLA:CPU copies every row slice handed to a row reduction:
+            # 53 ms against 12 ms at (25, 1e6)), the clipped sum row by row.
+            sq = jnp.einsum("nd,nd->n", x - v, x - v, precision=HIGHEST)
             scale, broken = clip_factors(jnp.sqrt(nan_to_posinf(sq)), radius)
-            moved = sum(
-                jnp.where(broken[i], 0.0, (x[i] - v) * scale[i]) for i in range(n)
+            moved = sum_rows(
+                lambda i: jnp.where(broken[i], 0.0, (x[i] - v) * scale[i]), n
             )
             return v + moved / n
 

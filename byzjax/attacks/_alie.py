@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from byzjax._checks import require, static_int
-from byzjax._numerics import map_rows_sum, row_mean
+from byzjax._numerics import dot_mean, map_rows_sum
 from byzjax.attacks._base import Attack
 from byzjax.attacks._simple import choice, make_attack
 
@@ -60,7 +60,7 @@ def z_max(n: int, f: int, form: str = "paper") -> float:
 
 def mean_std(x: jax.Array, ddof: int) -> tuple[jax.Array, jax.Array]:
     """Coordinate-wise mean and standard deviation over the worker axis."""
-    mu = row_mean(x)
+    mu = dot_mean(x)
     var = map_rows_sum(lambda r: jnp.square(r - mu), x) / (x.shape[0] - ddof)
     return mu, jnp.sqrt(var)
 

@@ -7,7 +7,7 @@ References:
 
 from __future__ import annotations
 
-from byzjax._numerics import row_mean
+from byzjax._numerics import dot_mean
 from byzjax.attacks._base import Attack
 from byzjax.attacks._simple import make_attack
 
@@ -29,7 +29,7 @@ def ipm(eps: float = 0.1) -> Attack:
       An Attack with params ``{"eps": eps}``.
     """
     return make_attack(
-        "ipm", {"eps": eps}, lambda key, x, params, f: -params["eps"] * row_mean(x)
+        "ipm", {"eps": eps}, lambda key, x, params, f: -params["eps"] * dot_mean(x)
     )
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from byzjax._checks import require, static_int
-from byzjax._numerics import compute_dtype, row_mean, row_sum
+from byzjax._numerics import compute_dtype, dot_mean
 from byzjax.attacks._base import Attack, Params
 
 Body = Callable[[jax.Array, jax.Array, Params, int], jax.Array]
@@ -97,7 +97,7 @@ def sign_flip(variant: str = "mean") -> Attack:
     """
     variant = choice(variant, ("mean", "own", "xie"), "sign_flip", "variant")
     if variant == "mean":
-        return make_attack("sign_flip", {}, lambda key, x, params, f: -row_mean(x))
+        return make_attack("sign_flip", {}, lambda key, x, params, f: -dot_mean(x))
 
     def body(key, x, params, f):
         own = params.get("own") if isinstance(params, dict) else None
@@ -137,7 +137,7 @@ def gaussian(sigma: float = 200.0, center: str = "zero") -> Attack:
     def body(key, x, params, f):
         noise = jax.random.normal(key, (f, x.shape[1]), x.dtype)
         out = params["sigma"] * noise
-        return out + row_mean(x) if center == "mean" else out
+        return out + dot_mean(x) if center == "mean" else out
 
     return make_attack("gaussian", {"sigma": sigma}, body)
 
@@ -159,12 +159,12 @@ def large_opposite(lam: float = 1e10, reduce: str = "sum") -> Attack:
       An Attack with params ``{"lam": lam}``.
     """
     reduce = choice(reduce, ("sum", "mean"), "large_opposite", "reduce")
-    total = row_sum if reduce == "sum" else row_mean
-    return make_attack(
-        "large_opposite",
-        {"lam": lam},
-        lambda key, x, params, f: -params["lam"] * total(x),
-    )
+
+    def body(key, x, params, f):
+        scale = params["lam"] * (x.shape[0] if reduce == "sum" else 1)
+        return -scale * dot_mean(x)
+
+    return make_attack("large_opposite", {"lam": lam}, body)
 
 
 def _constant(name: str, value: float) -> Callable[[], Attack]:
