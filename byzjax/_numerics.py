@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from byzjax._sorting import _nan_to_posinf, order_statistics, sort_rows
+from byzjax._sorting import SELECT_MAX_N, _nan_to_posinf, order_statistics, sort_rows
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -228,7 +228,7 @@ def coordinate_mean_around(x: jax.Array, center: jax.Array, k: int) -> jax.Array
     n = x.shape[0]
     # Row by row, for the reason given in `order_statistics`.
     dev = [nan_to_posinf(jnp.abs(x[i] - center)) for i in range(n)]
-    (delta,) = order_statistics(jnp.stack(dev), [k - 1])
+    (delta,) = order_statistics(jnp.stack(dev), [k - 1], n <= SELECT_MAX_N)
     # Ties at delta still to take, after all strictly closer entries.
     room = k - sum((dev[i] < delta).astype(jnp.int32) for i in range(n))
     total = jnp.zeros_like(center)

@@ -33,6 +33,11 @@ NETWORK_MAX_N = 128
 FULL_NETWORK_MAX_N = 32
 
 
+# Above this n, networks over computed rows use min/max compare-exchanges (see
+# `order_statistics`).
+SELECT_MAX_N = 32
+
+
 @functools.cache
 def batcher_pairs(n: int) -> tuple[tuple[int, int], ...]:
     """Compare-exchange pairs (a, b), a < b, of Batcher's network for n inputs."""
@@ -52,14 +57,24 @@ def batcher_pairs(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _network(rows: list[jax.Array]) -> list[jax.Array]:
+def _network(rows: list[jax.Array], select: bool) -> list[jax.Array]:
     rows = list(rows)
     for a, b in batcher_pairs(len(rows)):
-        rows[a], rows[b] = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
+        if select:
+            swap = rows[b] < rows[a]
+            lo, hi = (
+                jnp.where(swap, rows[b], rows[a]),
+                jnp.where(swap, rows[a], rows[b]),
+            )
+        else:
+            lo, hi = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
+        rows[a], rows[b] = lo, hi
     return rows
 
 
-def order_statistics(x: jax.Array, ks: Sequence[int]) -> list[jax.Array]:
+def order_statistics(
+    x: jax.Array, ks: Sequence[int], select: bool = True
+) -> list[jax.Array]:
     """The order statistics x_(k+1) (0-based k) of each column of an (n, d) array.
 
     NaN sorts as +Inf (min/max would propagate it). The replacement is made row by
@@ -70,13 +85,20 @@ def order_statistics(x: jax.Array, ks: Sequence[int]) -> list[jax.Array]:
       x: (n, d) array.
       ks: static 0-based ranks, each in [0, n); ask only for those needed, the
       network is pruned to them.
+      select: compare-exchange by one comparison and two selects (True) or by
+        min/max. XLA's min/max propagate NaN (extra compares and blends per op)
+        while the rows are NaN-free here: the median of 25 rows went from 17 to
+        8.5 ms, of 100 rows from 168 to 80 ms. But a select network over more than
+        `SELECT_MAX_N` rows that are themselves computed from another network
+        (mean-around-median's deviations) took 99 s to compile; such callers pass
+        False.
 
     Returns:
       One (d,) array per rank, in the order of `ks`.
     """
     n = x.shape[0]
     if n <= FULL_NETWORK_MAX_N or (n <= NETWORK_MAX_N and len(ks) <= 4):
-        ranked = _network([_nan_to_posinf(x[i]) for i in range(n)])
+        ranked = _network([_nan_to_posinf(x[i]) for i in range(n)], select)
     else:
         ranked = jnp.sort(_nan_to_posinf(x), axis=0)
     return list(lax.optimization_barrier(tuple(ranked[k] for k in ks)))
