@@ -77,6 +77,35 @@ def stack_rows(row, n: int) -> jax.Array:
     return jnp.stack([row(i) for i in range(n)])
 
 
+def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x[idx] for a static number of traced row indices, built row by row.
+
+    Consumers that read rows (sorting networks, `sum_rows`) fuse the dynamic row
+    reads instead of a (k, d) gathered copy.
+    """
+    return stack_rows(
+        lambda j: lax.dynamic_index_in_dim(x, idx[j], keepdims=False), idx.shape[0]
+    )
+
+
+def weighted_row_sum(w: jax.Array, x: jax.Array, keep: jax.Array) -> jax.Array:
+    """sum_i w_i x_i over the rows with keep_i; a dropped row adds exactly 0.
+
+    One matrix-vector product when every row is kept (the usual case: at (100, 1e6)
+    14 ms against 36 ms for the fused row additions); otherwise row by row with the
+    dropped rows selected away, since a product would turn 0 * Inf into NaN. Kept
+    rows must be finite.
+    """
+
+    def product():
+        return jnp.matmul(w, x, precision=HIGHEST)
+
+    def rows():
+        return sum_rows(lambda i: jnp.where(keep[i], w[i] * x[i], 0.0), x.shape[0])
+
+    return lax.cond(jnp.all(keep), product, rows)
+
+
 def row_mean(x: jax.Array) -> jax.Array:
     """Mean over the worker axis 0 (see `row_sum` for why not `x.mean(0)`)."""
     return row_sum(x) / x.shape[0]

@@ -24,6 +24,7 @@ from byzjax._numerics import (
     pairwise_sq_dists,
     robust_center,
     smallest_k,
+    take_rows,
 )
 from byzjax.aggregators._base import Aggregator, stateless
 
@@ -101,7 +102,7 @@ def bulyan(f: int = 0) -> Aggregator:
         theta = n - 2 * f
         # Sorted, so that ties in the coordinate stage go to the lower worker index
         # (SPEC T0) rather than to the earlier selected worker.
-        chosen = x[jnp.sort(bulyan_selection(x, f, theta))]
+        chosen = take_rows(x, jnp.sort(bulyan_selection(x, f, theta)))
         return coordinate_mean_around(chosen, coordinate_median(chosen), theta - 2 * f)
 
     return stateless(fn)

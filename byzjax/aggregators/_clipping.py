@@ -23,7 +23,7 @@ from byzjax._numerics import (
     nan_to_posinf,
     norms,
     stack_rows,
-    sum_rows,
+    weighted_row_sum,
 )
 from byzjax.aggregators._base import Aggregator
 
@@ -109,12 +109,13 @@ def centered_clipping(
         def step(_, v):
             # Two reads of x, no (n, d) temporary: the distances as one whole-array
             # reduction (XLA:CPU copies every row slice handed to a row reduction:
-            # 53 ms against 12 ms at (25, 1e6)), the clipped sum row by row.
+            # 53 ms against 12 ms at (25, 1e6)), then sum_i s_i (x_i - v) as one
+            # matrix-vector product. Its rounding, eps * ||v|| per coordinate, is
+            # that of the output v + moved / n itself.
             sq = jnp.einsum("nd,nd->n", x - v, x - v, precision=HIGHEST)
             scale, broken = clip_factors(jnp.sqrt(nan_to_posinf(sq)), radius)
-            moved = sum_rows(
-                lambda i: jnp.where(broken[i], 0.0, (x[i] - v) * scale[i]), n
-            )
+            scale = jnp.where(broken, 0.0, scale)
+            moved = weighted_row_sum(scale, x, ~broken) - scale.sum() * v
             return v + moved / n
 
         v = lax.fori_loop(0, iterations, step, state.astype(x.dtype))

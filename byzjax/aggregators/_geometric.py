@@ -14,7 +14,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from byzjax._checks import require, static_int
-from byzjax._numerics import coordinate_median, norms, row_sum
+from byzjax._numerics import (
+    HIGHEST,
+    coordinate_median,
+    norms,
+    robust_center,
+    sum_rows,
+    weighted_row_sum,
+)
 from byzjax.aggregators._base import Aggregator, stateless
 
 # (init, nu, relative_nu, iterations) of the reference codes (SPEC D8).
@@ -38,7 +45,7 @@ def _start(x, init):
     if init == "mean":
         # Mean of the rows with a finite norm: equal to the plain mean on finite
         # input (RFA parity), but a NaN or 1e38 row cannot make the start non-finite.
-        total = row_sum(jnp.where(finite[:, None], x, 0.0))
+        total = sum_rows(lambda i: jnp.where(finite[i], x[i], 0.0), x.shape[0])
         return total / jnp.maximum(finite.sum(), 1).astype(x.dtype)
     return jnp.zeros(x.shape[1], x.dtype)
 
@@ -104,22 +111,28 @@ def geometric_median(
         if relative_nu:
             scale = coordinate_median(norms(x)[:, None])[0]
             floor = floor * jnp.maximum(1.0, scale)
-        usable = jnp.isfinite(norms(x))
-        clean = jnp.where(usable[:, None], x, 0.0)
-
-        # Row by row: distances and the weighted sum each read x once, fused; the
-        # (n, d) temporaries of `x - z` and `beta * x` made T = 8 steps at
-        # (25, 1e6) take 404 ms on XLA:CPU.
-        rows = [clean[i] for i in range(n)]
+        z0 = _start(x, init)
+        # Distances through a centre c inside the honest range (SPEC D18 as in
+        # `pairwise_sq_dists`): ||x_i - z||^2 = a_i - 2 (x_i - c).(z - c) + ||z - c||^2
+        # with a_i = ||x_i - c||^2 read once, so that a step is two matrix-vector
+        # products over x (distances, weighted sum) instead of two fused passes: at
+        # (100, 1e6) 14 ms each against 67 and 36 ms.
+        c = z0 if init == "median" else robust_center(x, f)
+        a = jnp.einsum("nd,nd->n", x - c, x - c, precision=HIGHEST)
+        usable = jnp.isfinite(a)
 
         def step(_, z):
-            sq = jnp.stack([jnp.sum(jnp.square(r - z)) for r in rows])
+            w = z - c
+            proj = jnp.matmul(x, w, precision=HIGHEST) - jnp.dot(
+                c, w, precision=HIGHEST
+            )
+            sq = jnp.maximum(a - 2.0 * proj + jnp.dot(w, w, precision=HIGHEST), 0.0)
             beta = jnp.where(usable, 1.0 / jnp.maximum(floor, jnp.sqrt(sq)), 0.0)
             total = beta.sum()
-            moved = sum(b * r for b, r in zip(beta, rows, strict=True)) / total
+            moved = weighted_row_sum(beta, x, usable) / total
             return jnp.where(total > 0, moved, z)
 
-        return lax.fori_loop(0, iterations, step, _start(x, init))
+        return lax.fori_loop(0, iterations, step, z0)
 
     return stateless(fn, {"nu": nu})
 

@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from byzjax._checks import require, static_int
-from byzjax._numerics import pairwise_sq_dists, robust_center, row_mean
+from byzjax._numerics import pairwise_sq_dists, robust_center, row_mean, take_rows
 from byzjax.aggregators._base import Aggregator, stateless
 
 # Subsets scored per chunk: chunk * (n - f)^2 gathered distances stay near 4M floats.
@@ -83,7 +83,7 @@ def mda(f: int = 0, *, max_subsets: int = 2_000_000) -> Aggregator:
         dist = pairwise_sq_dists(x, center=robust_center(x, f))
         diam = _diameters(dist, table)
         best = jnp.argmin(diam)
-        return row_mean(x[jnp.asarray(table)[best].astype(jnp.int32)])
+        return row_mean(take_rows(x, jnp.asarray(table)[best].astype(jnp.int32)))
 
     return stateless(fn)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from byzjax._checks import require, static_int
@@ -28,6 +27,8 @@ from byzjax._numerics import (
     pairwise_sq_dists,
     robust_center,
     smallest_k,
+    stack_rows,
+    sum_rows,
 )
 from byzjax.aggregators._base import PreAggregator, stateless_pre
 from byzjax.aggregators._clipping import _required_tau, clip_rows
@@ -65,9 +66,20 @@ def nnm(f: int = 0) -> PreAggregator:
         require(n >= 2 * f + 1, "nnm", "n >= 2f + 1", n=n, f=f)
         dist = pairwise_sq_dists(x, center=robust_center(x, f))
         _, near = smallest_k(dist, n - f)
-        mixing = jnp.zeros((n, n), x.dtype).at[jnp.arange(n)[:, None], near].set(1.0)
-        clean = jnp.where(jnp.isfinite(x), x, 0.0)
-        return jnp.matmul(mixing, clean, precision=HIGHEST) / (n - f)
+        # The weights 1/(n - f) go into W: dividing the product would be one more
+        # (n, d) pass and copy.
+        weight = 1.0 / (n - f)
+        mixing = jnp.zeros((n, n), x.dtype).at[jnp.arange(n)[:, None], near].set(weight)
+        # The cleaned copy of x is made only when a distance is not finite, which
+        # every row with a non-finite entry causes (a 100 MB copy at (25, 1e6)).
+        mixed = lax.cond(
+            jnp.all(jnp.isfinite(dist)),
+            lambda: jnp.matmul(mixing, x, precision=HIGHEST),
+            lambda: jnp.matmul(
+                mixing, jnp.where(jnp.isfinite(x), x, 0.0), precision=HIGHEST
+            ),
+        )
+        return mixed
 
     return stateless_pre(fn)
 
@@ -112,21 +124,26 @@ def bucketing(
 
     def update(grads, state, params):
         chex.assert_rank(grads, 2)
-        n, d = grads.shape
+        n = grads.shape[0]
         x = grads.astype(compute_dtype(grads.dtype))
-        buckets = n_out(n)
+        order = jnp.arange(n)
         if shuffle:
             state, sub = jax.random.split(state)
-            x = x[jax.random.permutation(sub, n)]
-        pad = jnp.zeros((buckets * s - n, d), x.dtype)
-        grouped = jnp.concatenate([x, pad]).reshape(buckets, s, d)
-        # Padding rows are zeros added, never zero weights times a row.
-        total = grouped[:, 0]
-        for r in range(1, s):
-            total = total + grouped[:, r]
-        sizes = np.full(buckets, s, np.float32)
-        sizes[-1] = n - (buckets - 1) * s
-        out = total / jnp.asarray(sizes, x.dtype)[:, None]
+            order = jax.random.permutation(sub, n)
+
+        def bucket(t):
+            # Row by row with dynamic row reads (`take_rows`): no permuted (n, d)
+            # copy of x, and the next rule fuses the bucket sums.
+            members = order[t * s : min(t * s + s, n)]
+            return (
+                sum_rows(
+                    lambda r: lax.dynamic_index_in_dim(x, members[r], keepdims=False),
+                    members.shape[0],
+                )
+                / members.shape[0]
+            )
+
+        out = stack_rows(bucket, n_out(n))
         return out.astype(grads.dtype), state
 
     return PreAggregator(init, update, (), n_out)
