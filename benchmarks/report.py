@@ -96,8 +96,9 @@ def aggregator_tables(rows) -> list[str]:
 
 def byzfl_table(rows) -> list[str]:
     out = [
-        "| kind | name | n | d | byzjax ms | ByzFL ms | ByzFL / byzjax | ByzFL call |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kind | name | n | d | read floor ms | byzjax ms | ByzFL ms | ByzFL / byzjax "
+        "| ByzFL call |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("kind") == "train":
@@ -106,7 +107,8 @@ def byzfl_table(rows) -> list[str]:
         ratio = f"{r['ratio']:.1f}x" if "ratio" in r else "—"
         out.append(
             f"| {r['kind']} | `{r['name']}` | {r['n']} | {r['d']:.0e} "
-            f"| {_ms(r.get('byzjax_s'))} | {theirs} | {ratio} | `{r['byzfl']}` |"
+            f"| {_ms(r.get('floor_s'))} | {_ms(r.get('byzjax_s'))} | {theirs} "
+            f"| {ratio} | `{r['byzfl']}` |"
         )
     return out + [""]
 
@@ -145,12 +147,17 @@ def targets(agg, byzfl, train) -> list[str]:
     for r in byzfl:
         if r.get("kind") == "train" or "ratio" not in r:
             continue
-        at_floor = r["name"] == "mean"
+        # ByzFL within 1.5x of one read of the input: 10x faster is impossible.
+        at_floor = r["byzfl_s"] <= 1.5 * r.get("floor_s", 0.0)
         ok = r["ratio"] >= 10 or at_floor
+        note = (
+            f" (ByzFL at {r['byzfl_s'] / r['floor_s']:.1f}x the read floor: exempt)"
+            if at_floor
+            else ""
+        )
         out.append(
             f"| `{r['name']}` >= 10x faster than ByzFL | ({r['n']}, {r['d']:.0e}) | "
-            f"{'yes' if ok else 'no'} | {r['ratio']:.1f}x"
-            f"{' (both at the read floor: exempt)' if at_floor else ''} |"
+            f"{'yes' if ok else 'no'} | {r['ratio']:.1f}x{note} |"
         )
     for r in byzfl:
         if r.get("kind") == "train":

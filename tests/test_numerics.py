@@ -33,12 +33,14 @@ def test_batcher_network_sorts_every_zero_one_input(n):
         assert v == sorted(bits)
 
 
+@pytest.mark.parametrize("select", [True, False])
 @pytest.mark.parametrize("n", [1, 2, 3, 16, 25, 33, 100, 129, 130])
-def test_order_statistics_match_numpy_sort(n):
+def test_order_statistics_match_numpy_sort(n, select):
     rng = np.random.default_rng(n)
     x = _with_bad_rows(rng, n, 7, min(n // 3, 4))
+    x[-1] = -0.0  # signed zeros must keep their places among the values
     ks = sorted({0, n // 2, n - 1})
-    got = jax.jit(lambda x: _sorting.order_statistics(x, ks))(x)
+    got = jax.jit(lambda x: _sorting.order_statistics(x, ks, select))(x)
     want = np.sort(_sanitized(x), axis=0)
     for k, g in zip(ks, got, strict=True):
         np.testing.assert_array_equal(np.asarray(g, np.float64), want[k])
@@ -100,3 +102,37 @@ def test_row_sum_and_norms(n):
     want = np.linalg.norm(x.astype(np.float64), axis=1)
     want[0] = np.inf  # squared norm overflows float32: treated as +Inf
     np.testing.assert_allclose(jax.jit(nm.norms)(x), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 4, 25, 40])
+def test_row_helpers_match_numpy(n):
+    rng = np.random.default_rng(300 + n)
+    x = rng.normal(size=(n, 37)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(
+        jax.jit(nm.dot_mean)(x), x64.mean(0), rtol=1e-5, atol=1e-6
+    )
+    idx = rng.integers(0, n, size=7).astype(np.int32)
+    np.testing.assert_array_equal(jax.jit(nm.take_rows)(x, idx), x[idx])
+    scaled = jax.jit(lambda x: nm.stack_rows(lambda i: x[i] * (i + 1), n))(x)
+    np.testing.assert_allclose(scaled, x * np.arange(1, n + 1)[:, None], rtol=1e-6)
+    total = jax.jit(lambda x: nm.sum_rows(lambda i: x[i] * (i + 1), n))(x)
+    want = (x64 * np.arange(1, n + 1)[:, None]).sum(0)
+    np.testing.assert_allclose(total, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("broken", [0, 1, 3])
+def test_weighted_row_sum_drops_rows_exactly_on_both_branches(broken):
+    # broken = 0 takes the matrix-vector product, otherwise the row-by-row branch.
+    rng = np.random.default_rng(broken)
+    n = 9
+    x = rng.normal(size=(n, 23)).astype(np.float32)
+    w = rng.uniform(0.1, 2.0, size=n).astype(np.float32)
+    keep = np.ones(n, bool)
+    for r, value in zip(range(broken), [np.nan, np.inf, -np.inf], strict=False):
+        x[2 * r + 1] = value
+        keep[2 * r + 1] = False
+    got = np.asarray(jax.jit(nm.weighted_row_sum)(w, x, keep), np.float64)
+    want = (w[keep, None].astype(np.float64) * x[keep].astype(np.float64)).sum(0)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
