@@ -147,17 +147,24 @@ def targets(agg, byzfl, train) -> list[str]:
     for r in byzfl:
         if r.get("kind") == "train" or "ratio" not in r:
             continue
-        # ByzFL within 1.5x of one read of the input: 10x faster is impossible.
-        at_floor = r["byzfl_s"] <= 1.5 * r.get("floor_s", 0.0)
-        ok = r["ratio"] >= 10 or at_floor
-        note = (
-            f" (ByzFL at {r['byzfl_s'] / r['floor_s']:.1f}x the read floor: exempt)"
-            if at_floor
-            else ""
-        )
+        # Where ByzFL takes less than 10 reads of the input, 10x faster than ByzFL
+        # would beat one read: the target is then bounded by the floor, and the
+        # detail says how far from the floor byzjax is.
+        floor = r.get("floor_s")
+        bound = floor is not None and r["byzfl_s"] < 10 * floor
+        if r["ratio"] >= 10:
+            verdict, note = "yes", ""
+        elif bound:
+            verdict = "bound"
+            note = (
+                f" (ByzFL takes {r['byzfl_s'] / floor:.1f} reads of the input; "
+                f"byzjax {r['byzjax_s'] / floor:.1f})"
+            )
+        else:
+            verdict, note = "no", ""
         out.append(
             f"| `{r['name']}` >= 10x faster than ByzFL | ({r['n']}, {r['d']:.0e}) | "
-            f"{'yes' if ok else 'no'} | {r['ratio']:.1f}x{note} |"
+            f"{verdict} | {r['ratio']:.1f}x{note} |"
         )
     for r in byzfl:
         if r.get("kind") == "train":
