@@ -57,15 +57,23 @@ PAIRS = [
     ("attack", "sign_flip", {}, "atk.SignFlipping()"),
 ]
 
-CHILD = textwrap.dedent(
+# `import byzfl` would import torchvision (see the module docstring): register a bare
+# `byzfl` namespace and import only the aggregators and attacks.
+IMPORT_BYZFL = textwrap.dedent(
     """
-    import importlib.util, json, statistics, sys, time, types
-    import numpy as np, torch
+    import importlib.util, sys, types
     spec = importlib.util.find_spec("byzfl")
     pkg = types.ModuleType("byzfl")
     pkg.__path__ = list(spec.submodule_search_locations)
     sys.modules["byzfl"] = pkg
     import byzfl.aggregators as agg, byzfl.attacks as atk
+    """
+)
+
+CHILD = IMPORT_BYZFL + textwrap.dedent(
+    """
+    import json, statistics, time
+    import numpy as np, torch
     n, d, f, repeats = (int(a) for a in sys.argv[1:5])
     exprs = json.loads(sys.argv[5])
     skip_over = float(sys.argv[6])
@@ -100,15 +108,10 @@ CHILD = textwrap.dedent(
 # vector from the honest ones that the f Byzantine workers all send, the server
 # aggregates the n flat vectors, unflattens them and takes an SGD step. The inputs
 # are random MNIST-shaped data: speed does not depend on the pixel values.
-TRAIN_CHILD = textwrap.dedent(
+TRAIN_CHILD = IMPORT_BYZFL + textwrap.dedent(
     """
-    import importlib.util, json, sys, time, types
+    import json, time
     import torch
-    spec = importlib.util.find_spec("byzfl")
-    pkg = types.ModuleType("byzfl")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules["byzfl"] = pkg
-    import byzfl.aggregators as agg, byzfl.attacks as atk
     n, f, batch, steps = (int(a) for a in sys.argv[1:5])
     rule = sys.argv[5]
     torch.manual_seed(0)

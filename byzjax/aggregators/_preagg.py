@@ -26,9 +26,10 @@ from byzjax._numerics import (
     norms,
     pairwise_sq_dists,
     robust_center,
+    row_mean,
     smallest_k,
     stack_rows,
-    sum_rows,
+    take_rows,
 )
 from byzjax.aggregators._base import PreAggregator, stateless_pre
 from byzjax.aggregators._clipping import _required_tau, clip_rows
@@ -72,14 +73,13 @@ def nnm(f: int = 0) -> PreAggregator:
         mixing = jnp.zeros((n, n), x.dtype).at[jnp.arange(n)[:, None], near].set(weight)
         # The cleaned copy of x is made only when a distance is not finite, which
         # every row with a non-finite entry causes (a 100 MB copy at (25, 1e6)).
-        mixed = lax.cond(
+        return lax.cond(
             jnp.all(jnp.isfinite(dist)),
             lambda: jnp.matmul(mixing, x, precision=HIGHEST),
             lambda: jnp.matmul(
                 mixing, jnp.where(jnp.isfinite(x), x, 0.0), precision=HIGHEST
             ),
         )
-        return mixed
 
     return stateless_pre(fn)
 
@@ -132,16 +132,9 @@ def bucketing(
             order = jax.random.permutation(sub, n)
 
         def bucket(t):
-            # Row by row with dynamic row reads (`take_rows`): no permuted (n, d)
-            # copy of x, and the next rule fuses the bucket sums.
-            members = order[t * s : min(t * s + s, n)]
-            return (
-                sum_rows(
-                    lambda r: lax.dynamic_index_in_dim(x, members[r], keepdims=False),
-                    members.shape[0],
-                )
-                / members.shape[0]
-            )
+            # Rows read in place (`take_rows`): no permuted (n, d) copy of x, and
+            # the next rule fuses the bucket means.
+            return row_mean(take_rows(x, order[t * s : min(t * s + s, n)]))
 
         out = stack_rows(bucket, n_out(n))
         return out.astype(grads.dtype), state
