@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from byzjax import _native, _sorting
 from byzjax import _numerics as nm
-from byzjax import _sorting
 from byzjax.aggregators._clipping import clip_factors
 
 if __package__ in (None, ""):
@@ -96,6 +96,24 @@ def pairs(n: int, f: int):
             lambda x, v: nm.weighted_row_sum(v[: len(x)], x, v[: len(x)] > -9),
             lambda x, v: nm.sum_rows(lambda i: v[i] * x[i], len(x)),
             "weighted_row_sum (one matrix-vector product) vs fused row additions",
+        ),
+    ] + (native_pairs(f) if _native.enabled() else [])
+
+
+def native_pairs(f: int):
+    """The two CPU kernels of byzjax/_native against their pure-XLA forms."""
+    return [
+        (
+            "pairwise distances",
+            lambda x, v: _native.pairwise_sq_dists(x),
+            lambda x, v: nm.gram_sq_dists(x, nm.robust_center(x, f)),
+            "CPU kernel on differences vs blocked Gram matrix around a robust centre",
+        ),
+        (
+            "distances to a vector, kernel",
+            lambda x, v: _native.row_sq_dists(x, v),
+            lambda x, v: nm.reduce_row_sq_dists(x, v),
+            "CPU kernel (v stays in cache) vs XLA's whole-array reduction",
         ),
     ]
 

@@ -107,6 +107,41 @@ def test_rule_matches_oracle_float32(name, params, oracle_params, n, f, d):
     np.testing.assert_allclose(np.asarray(out, np.float64), expect, rtol=tol, atol=tol)
 
 
+# Rules whose distances go through byzjax/_native on the CPU: their pure-XLA forms
+# (GPUs, no C++ compiler) against the same oracle.
+DISTANCE_CASES = [
+    case
+    for case in RULE_CASES
+    if case[0]
+    in {"krum", "multi_krum", "bulyan", "geometric_median", "centered_clipping", "mda"}
+]
+
+
+@pytest.mark.parametrize(
+    "name,params,oracle_params", DISTANCE_CASES, ids=lambda v: str(v) if v else ""
+)
+def test_distance_rules_match_oracle_without_the_cpu_kernels(
+    name, params, oracle_params, monkeypatch
+):
+    monkeypatch.setenv("BYZJAX_NATIVE", "0")
+    n, f, d = CONFIGS[2]
+    x, x64 = make_inputs(_seed(name, str(params), "xla"), n, f, d)
+    out = _run_rule(name, f, params)(x)
+    expect = reference.RULES[name](x64, f, **(oracle_params or params))
+    tol = F32_TOL.get(name, 2e-5)
+    np.testing.assert_allclose(np.asarray(out, np.float64), expect, rtol=tol, atol=tol)
+
+
+def test_nnm_matches_oracle_without_the_cpu_kernels(monkeypatch):
+    monkeypatch.setenv("BYZJAX_NATIVE", "0")
+    n, f, d = CONFIGS[2]
+    x, x64 = make_inputs(_seed("nnm", "xla"), n, f, d)
+    out = _run_pre("nnm", f, {})(x)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float64), reference.PRE["nnm"](x64, f), rtol=2e-5, atol=2e-5
+    )
+
+
 BF16_RULES = sorted({name for name, _, _ in RULE_CASES})
 BF16_PARAMS = {"centered_clipping": {"tau": 1.0}}
 

@@ -76,14 +76,17 @@ def test_mean_around_breaks_ties_by_worker_index(n, k):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
 @pytest.mark.parametrize("n,d", [(5, 300), (7, 4133), (40, 16500)])
-def test_pairwise_sq_dists_match_numpy_on_both_paths(n, d):
-    # d >= 2 blocks takes the blocked CPU Gram; small d the single matmul.
+def test_pairwise_sq_dists_match_numpy_on_every_path(n, d, native, monkeypatch):
+    # The CPU kernel (native), else: d >= 2 blocks takes the blocked CPU Gram,
+    # small d the single matmul.
+    monkeypatch.setenv("BYZJAX_NATIVE", native)
     rng = np.random.default_rng(d)
     x = rng.normal(size=(n, d)).astype(np.float32) + 3.0
     x[1] = np.nan
     center = np.median(x[2:], axis=0).astype(np.float32)
-    got = np.asarray(jax.jit(nm.pairwise_sq_dists)(x, center), np.float64)
+    got = np.asarray(jax.jit(lambda x, c: nm.pairwise_sq_dists(x, c))(x, center))
     x64 = x.astype(np.float64)
     want = ((x64[:, None, :] - x64[None, :, :]) ** 2).sum(-1)
     want[1, :] = want[:, 1] = np.inf
@@ -136,3 +139,17 @@ def test_weighted_row_sum_drops_rows_exactly_on_both_branches(broken):
     want = (w[keep, None].astype(np.float64) * x[keep].astype(np.float64)).sum(0)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("n,d", [(1, 3), (6, 1000)])
+def test_row_sq_dists_match_numpy_on_every_path(n, d, native, monkeypatch):
+    monkeypatch.setenv("BYZJAX_NATIVE", native)
+    rng = np.random.default_rng(n * d)
+    x = _with_bad_rows(rng, n, d, bad=min(n, 2))
+    v = rng.normal(size=d).astype(np.float32)
+    got = np.asarray(jax.jit(lambda x, v: nm.row_sq_dists(x, v))(x, v))
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = ((x.astype(np.float64) - v) ** 2).sum(-1)
+    want = np.where(np.isnan(want) | (want > np.finfo(np.float32).max), np.inf, want)
+    np.testing.assert_allclose(got, want, rtol=1e-5)

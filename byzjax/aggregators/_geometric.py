@@ -19,6 +19,7 @@ from byzjax._numerics import (
     coordinate_median,
     norms,
     robust_center,
+    row_sq_dists,
     sum_rows,
     weighted_row_sum,
 )
@@ -118,7 +119,7 @@ def geometric_median(
         # products over x (distances, weighted sum) instead of two fused passes: at
         # (100, 1e6) 14 ms each against 67 and 36 ms.
         c = z0 if init == "median" else robust_center(x, f)
-        a = jnp.einsum("nd,nd->n", x - c, x - c, precision=HIGHEST)
+        a = row_sq_dists(x, c)
         usable = jnp.isfinite(a)
 
         def step(_, z):

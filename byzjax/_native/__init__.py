@@ -1,0 +1,171 @@
+"""Two CPU kernels behind XLA's foreign function interface, built on first use.
+
+XLA:CPU runs two reductions far from this hardware's speed (docs/performance.md):
+the pairwise squared distances of the distance rules (its GEMM does the skinny
+Gram matrix at 5-7 GFLOP/s, a loop of small products runs on one core) and the
+distances of every row to one vector (a row reduction that re-reads the vector for
+every row). `kernels.cc` computes both directly from differences, with no Gram
+matrix and hence no cancellation, on every core the process may use.
+
+The shared library is compiled with the system C++ compiler the first time a rule
+asks for it (about 6 s) and cached under `$BYZJAX_CACHE_DIR` (default
+`~/.cache/byzjax`), keyed by the source, jax's version, the compiler and the CPU.
+Without a compiler, or with `BYZJAX_NATIVE=0`, `available()` is False and the
+rules use their pure-XLA forms, which compute the same quantities (tested against
+the same float64 oracle). Only float32 on the CPU backend goes through the kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
+_TARGETS = {
+    "byzjax_pairwise_sq_dists": "ByzjaxPairwiseSqDists",
+    "byzjax_row_sq_dists": "ByzjaxRowSqDists",
+}
+
+
+def enabled() -> bool:
+    """Whether float32 CPU computations should use the kernels (`BYZJAX_NATIVE`)."""
+    return os.environ.get("BYZJAX_NATIVE", "1") != "0" and _library() is not None
+
+
+def usable(*arrays: jax.Array) -> bool:
+    """True when these arrays' computation can go through the kernels."""
+    return (
+        jax.default_backend() == "cpu"
+        and all(a.dtype == jnp.float32 for a in arrays)
+        and enabled()
+    )
+
+
+@jax.custom_jvp
+def pairwise_sq_dists(x: jax.Array) -> jax.Array:
+    """D_ij = sum_k (x_ik - x_jk)^2 of a (..., n, d) float32 array; NaN/Inf flow."""
+    n = x.shape[-2]
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), x.dtype)
+    call = jax.ffi.ffi_call(
+        "byzjax_pairwise_sq_dists", out, vmap_method="broadcast_all"
+    )
+    return call(x)
+
+
+@pairwise_sq_dists.defjvp
+def _pairwise_jvp(primals, tangents):
+    # dD_ij = 2 (x_i - x_j).(t_i - t_j) = 2 (P_ii + P_jj - P_ij - P_ji), P = x t^T:
+    # linear in t, so reverse mode (the simulator's influence weights) works too.
+    (x,), (t,) = primals, tangents
+    p = jnp.einsum("...id,...jd->...ij", x, t, precision=lax.Precision.HIGHEST)
+    diag = jnp.diagonal(p, axis1=-2, axis2=-1)
+    dd = 2.0 * (diag[..., :, None] + diag[..., None, :] - p - jnp.swapaxes(p, -1, -2))
+    return pairwise_sq_dists(x), dd
+
+
+@jax.custom_jvp
+def row_sq_dists(x: jax.Array, v: jax.Array) -> jax.Array:
+    """r_i = sum_k (x_ik - v_k)^2 of a (..., n, d) array and a (..., d) vector."""
+    out = jax.ShapeDtypeStruct(x.shape[:-1], x.dtype)
+    call = jax.ffi.ffi_call("byzjax_row_sq_dists", out, vmap_method="broadcast_all")
+    return call(x, v)
+
+
+@row_sq_dists.defjvp
+def _row_jvp(primals, tangents):
+    # dr_i = 2 (x_i - v).(t_i - s), linear in the tangents (t, s).
+    (x, v), (t, s) = primals, tangents
+    diff = x - v[..., None, :]
+    hi = lax.Precision.HIGHEST
+    dr = jnp.einsum("...nd,...nd->...n", diff, t, precision=hi) - jnp.einsum(
+        "...nd,...d->...n", diff, s, precision=hi
+    )
+    return row_sq_dists(x, v), 2.0 * dr
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(
+                line for line in f if line.startswith(("model name", "flags"))
+            )[:4096]
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("BYZJAX_CACHE_DIR")
+    if root:
+        return pathlib.Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache"
+    return base / "byzjax"
+
+
+def _build(cxx: str) -> pathlib.Path:
+    """Compiles kernels.cc once per (source, jax, compiler, CPU); returns the .so."""
+    version = subprocess.run(
+        [cxx, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+    key = hashlib.sha256(
+        "\0".join(
+            [_SOURCE.read_text(), jax.__version__, version, " ".join(flags)]
+            + [_cpu_signature()]
+        ).encode()
+    ).hexdigest()[:16]
+    cache = _cache_dir()
+    target = cache / f"kernels-{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: parallel test workers may race.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """Builds, loads and registers the kernels once; None (with a warning) if not."""
+    cxx = _compiler()
+    if cxx is None or not hasattr(jax, "ffi"):
+        return None
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+        for name, symbol in _TARGETS.items():
+            capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    except (OSError, subprocess.CalledProcessError, AttributeError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        warnings.warn(
+            "byzjax: the CPU kernels could not be built; the distance rules use "
+            f"their slower pure-XLA forms. {detail[-2000:]}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return lib

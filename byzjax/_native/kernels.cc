@@ -1,0 +1,251 @@
+// CPU kernels for the two reductions XLA:CPU runs far from the hardware's speed
+// (measured with jax 0.10.2 on a 2-core AMD EPYC, float32, see docs/performance.md):
+//
+//   pairwise_sq_dists: D_ij = sum_k (x_ik - x_jk)^2 over an (n, d) array. XLA's
+//     YNNPACK GEMM runs the skinny Gram matrix behind it at 5-7 GFLOP/s, and a loop
+//     of small products runs on one core. Here the differences are taken directly
+//     (no Gram, so no cancellation and no centre), in column blocks, register
+//     tiles of 3 x 4 rows, the upper triangle only, and the columns split over
+//     threads.
+//   row_sq_dists: r_i = sum_k (x_ik - v_k)^2. XLA:CPU streams v once per row (the
+//     reduction took 4-5 reads of x at n = 100); here a column block of v stays in
+//     L1 while every row passes.
+//
+// Both accumulate float32 lanes over one column block (at most 8,192 columns) and
+// the blocks in float64. Leading batch dimensions (from jax.vmap) are looped over.
+// Non-finite input flows through IEEE arithmetic: a NaN or Inf row gives NaN or
+// Inf sums, which the Python side maps to +Inf.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#ifdef __linux__
+#include <sched.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline double hsum(v8 v) {
+  double s = 0.0;
+  for (int l = 0; l < 8; ++l) s += v[l];
+  return s;
+}
+
+// Columns per block of the pairwise kernel: about 1 MB of rows. Smaller blocks
+// that fit L2 were slower in the measurements (64 KB: 1.3-2x at n = 100): every
+// tile's horizontal sums are paid once per block.
+int64_t block_columns(int64_t n) {
+  int64_t b = (262144 / std::max<int64_t>(n, 1)) / 8 * 8;
+  return std::clamp<int64_t>(b, 64, 8192);
+}
+
+// Threads for `work` element-operations: one per 4M, at most the CPUs this
+// process may run on.
+int thread_count(double work) {
+  int hw = std::max(1u, std::thread::hardware_concurrency());
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) hw = std::max(1, CPU_COUNT(&set));
+#endif
+  return static_cast<int>(std::clamp<double>(work / 4.0e6, 1.0, hw));
+}
+
+// Runs body(t, lo, hi) over [0, d) split into `threads` column ranges (multiples
+// of 8 columns), each on its own thread; the first range runs on the caller.
+template <typename Body>
+void split_columns(int64_t d, int threads, Body body) {
+  int64_t per = (d / threads + 7) / 8 * 8;
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) {
+    int64_t lo = std::min(d, t * per), hi = std::min(d, (t + 1) * per);
+    if (t == threads - 1) hi = d;
+    pool.emplace_back(body, t, lo, hi);
+  }
+  body(0, int64_t{0}, std::min(d, per));
+  for (auto& th : pool) th.join();
+}
+
+// acc[i][j] += sum over columns [lo, hi) of (x_i - x_j)^2 for the R x C tile of
+// rows i0.. and j0..: R rows in registers, the C rows streamed.
+template <int R, int C>
+void tile(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
+          int64_t lo, int64_t hi, double* acc) {
+  v8 s[R][C] = {};
+  int64_t k = lo;
+  for (; k + 8 <= hi; k += 8) {
+    v8 a[R];
+    for (int r = 0; r < R; ++r) a[r] = load8(x + (i0 + r) * d + k);
+    for (int c = 0; c < C; ++c) {
+      v8 b = load8(x + (j0 + c) * d + k);
+      for (int r = 0; r < R; ++r) {
+        v8 t = a[r] - b;
+        s[r][c] += t * t;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      double tail = 0.0;
+      for (int64_t j = k; j < hi; ++j) {
+        double t = static_cast<double>(x[(i0 + r) * d + j]) - x[(j0 + c) * d + j];
+        tail += t * t;
+      }
+      acc[(i0 + r) * n + j0 + c] += hsum(s[r][c]) + tail;
+    }
+  }
+}
+
+// Register tile: 3 rows held, 4 streamed (12 accumulators; 2 x 4 and 4 x 2/3 were
+// slower at n = 25 and 100).
+constexpr int kRows = 3, kCols = 4;
+
+template <int R, int C>
+void tile_cols(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
+               int cols, int64_t lo, int64_t hi, double* acc) {
+  if constexpr (C > 1) {
+    if (cols < C) return tile_cols<R, C - 1>(x, d, n, i0, j0, cols, lo, hi, acc);
+  }
+  tile<R, C>(x, d, n, i0, j0, lo, hi, acc);
+}
+
+template <int R>
+void tile_any(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
+              int rows, int cols, int64_t lo, int64_t hi, double* acc) {
+  if constexpr (R > 1) {
+    if (rows < R) return tile_any<R - 1>(x, d, n, i0, j0, rows, cols, lo, hi, acc);
+  }
+  tile_cols<R, kCols>(x, d, n, i0, j0, cols, lo, hi, acc);
+}
+
+// Upper triangle (i < j) of D for one (n, d) matrix, columns [lo, hi), into acc.
+void pairwise_range(const float* x, int64_t n, int64_t d, int64_t lo, int64_t hi,
+                    double* acc) {
+  const int64_t block = block_columns(n);
+  for (int64_t k0 = lo; k0 < hi; k0 += block) {
+    const int64_t k1 = std::min(hi, k0 + block);
+    for (int64_t i0 = 0; i0 < n - 1; i0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, n - 1 - i0));
+      // Columns from i0 + 1 cover every j > i of the tile's rows; the pairs with
+      // j <= i land on or below the diagonal and are never read.
+      for (int64_t j0 = i0 + 1; j0 < n; j0 += kCols) {
+        const int cols = static_cast<int>(std::min<int64_t>(kCols, n - j0));
+        tile_any<kRows>(x, d, n, i0, j0, rows, cols, k0, k1, acc);
+      }
+    }
+  }
+}
+
+ffi::Error PairwiseSqDistsImpl(ffi::Buffer<ffi::F32> x,
+                               ffi::ResultBuffer<ffi::F32> out) {
+  auto dims = x.dimensions();
+  if (dims.size() < 2) {
+    return ffi::Error::InvalidArgument("pairwise_sq_dists: x must be (..., n, d)");
+  }
+  const int64_t n = dims[dims.size() - 2], d = dims[dims.size() - 1];
+  const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
+  const float* xs = x.typed_data();
+  float* os = out->typed_data();
+  const int threads = thread_count(0.5 * n * n * static_cast<double>(d));
+  std::vector<std::vector<double>> acc(threads, std::vector<double>(n * n));
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = xs + b * n * d;
+    for (auto& a : acc) std::fill(a.begin(), a.end(), 0.0);
+    split_columns(d, threads, [&](int t, int64_t lo, int64_t hi) {
+      pairwise_range(xb, n, d, lo, hi, acc[t].data());
+    });
+    float* ob = os + b * n * n;
+    for (int64_t i = 0; i < n; ++i) {
+      ob[i * n + i] = 0.0f;
+      for (int64_t j = i + 1; j < n; ++j) {
+        double s = 0.0;
+        for (auto& a : acc) s += a[i * n + j];
+        ob[i * n + j] = ob[j * n + i] = static_cast<float>(s);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// r_i += sum over columns [lo, hi) of (x_i - v)^2 for every row, block by block.
+void row_range(const float* x, const float* v, int64_t n, int64_t d, int64_t lo,
+               int64_t hi, double* acc) {
+  const int64_t block = 512;
+  for (int64_t k0 = lo; k0 < hi; k0 += block) {
+    int64_t k1 = std::min(hi, k0 + block);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = x + i * d;
+      v8 s0 = {}, s1 = {};
+      int64_t k = k0;
+      for (; k + 16 <= k1; k += 16) {
+        v8 t0 = load8(xi + k) - load8(v + k);
+        v8 t1 = load8(xi + k + 8) - load8(v + k + 8);
+        s0 += t0 * t0;
+        s1 += t1 * t1;
+      }
+      double tail = 0.0;
+      for (; k < k1; ++k) {
+        double t = static_cast<double>(xi[k]) - v[k];
+        tail += t * t;
+      }
+      acc[i] += hsum(s0 + s1) + tail;
+    }
+  }
+}
+
+ffi::Error RowSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> v,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  auto dims = x.dimensions();
+  if (dims.size() < 2) {
+    return ffi::Error::InvalidArgument("row_sq_dists: x must be (..., n, d)");
+  }
+  const int64_t n = dims[dims.size() - 2], d = dims[dims.size() - 1];
+  if (v.element_count() * n != x.element_count()) {
+    return ffi::Error::InvalidArgument("row_sq_dists: v must be (..., d)");
+  }
+  const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
+  const int threads = thread_count(static_cast<double>(n) * d);
+  std::vector<std::vector<double>> acc(threads, std::vector<double>(n));
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x.typed_data() + b * n * d;
+    const float* vb = v.typed_data() + b * d;
+    for (auto& a : acc) std::fill(a.begin(), a.end(), 0.0);
+    split_columns(d, threads, [&](int t, int64_t lo, int64_t hi) {
+      row_range(xb, vb, n, d, lo, hi, acc[t].data());
+    });
+    float* ob = out->typed_data() + b * n;
+    for (int64_t i = 0; i < n; ++i) {
+      double s = 0.0;
+      for (auto& a : acc) s += a[i];
+      ob[i] = static_cast<float>(s);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxPairwiseSqDists, PairwiseSqDistsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxRowSqDists, RowSqDistsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

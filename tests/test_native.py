@@ -1,0 +1,138 @@
+"""The CPU kernels (byzjax/_native) against plain NumPy float64.
+
+Shapes cover every register-tile remainder (n mod 3, n mod 4), column tails
+(d mod 8), several column blocks and the multi-threaded split; Byzantine rows hold
+NaN, +-Inf and 1e38. The pure-XLA forms the rules fall back to are tested on the
+same oracle in test_numerics.py and test_aggregators.py (BYZJAX_NATIVE=0).
+"""
+
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from byzjax import _native
+from byzjax import _numerics as nm
+
+pytestmark = pytest.mark.skipif(
+    not _native.enabled(), reason="no C++ compiler: the kernels are not built"
+)
+
+BAD = [np.nan, np.inf, -np.inf, 1e38]
+
+
+def _inputs(seed, n, d, bad=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, d)) + rng.normal(size=d)).astype(np.float32)
+    for r in range(bad):
+        x[r] = BAD[r % len(BAD)]
+    return x[rng.permutation(n)], rng.normal(size=d).astype(np.float32)
+
+
+def _jit(fn):
+    # A fresh function per call: jax caches traces per function object, and other
+    # tests trace the same routines with the kernels switched off.
+    return jax.jit(lambda *args: fn(*args))
+
+
+def _want_pairwise(x):
+    x64 = x.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = ((x64[:, None, :] - x64[None, :, :]) ** 2).sum(-1).astype(np.float32)
+    want = np.where(np.isnan(want), np.inf, want)
+    np.fill_diagonal(want, 0.0)
+    return want
+
+
+@pytest.mark.parametrize(
+    "n,d",
+    [(1, 5), (2, 1), (3, 8), (4, 9), (5, 17), (7, 100), (13, 2053), (25, 30001)],
+)
+@pytest.mark.parametrize("bad", [0, 3])
+def test_pairwise_kernel_matches_numpy(n, d, bad):
+    # (25, 30001): two threads, several 8,192-column blocks, a 1-column tail.
+    x, _ = _inputs(n * d, n, d, min(bad, n - 1))
+    got = np.asarray(_jit(nm.pairwise_sq_dists)(x))
+    np.testing.assert_allclose(got, _want_pairwise(x), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(got, got.T)
+
+
+@pytest.mark.parametrize("n,d", [(1, 5), (3, 7), (12, 1000), (100, 20001)])
+@pytest.mark.parametrize("bad", [0, 4])
+def test_row_kernel_matches_numpy(n, d, bad):
+    x, v = _inputs(n + d, n, d, min(bad, n))
+    got = np.asarray(_jit(nm.row_sq_dists)(x, v))
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = ((x.astype(np.float64) - v) ** 2).sum(-1).astype(np.float32)
+    want = np.where(np.isnan(want), np.inf, want)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_vmap_over_leading_axes():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 6, 41)).astype(np.float32)
+    v = rng.normal(size=(2, 3, 41)).astype(np.float32)
+    pw = jax.jit(jax.vmap(jax.vmap(_native.pairwise_sq_dists)))(x)
+    rs = jax.jit(jax.vmap(jax.vmap(_native.row_sq_dists)))(x, v)
+    # An unbatched v is broadcast to the batch (vmap_method="broadcast_all").
+    shared = jax.vmap(_native.row_sq_dists, in_axes=(0, None))
+    rs_shared = jax.jit(shared)(x[0], v[0, 0])
+    for a in range(2):
+        for b in range(3):
+            np.testing.assert_allclose(pw[a, b], _want_pairwise(x[a, b]), rtol=1e-5)
+            want = ((x[a, b].astype(np.float64) - v[a, b]) ** 2).sum(-1)
+            np.testing.assert_allclose(rs[a, b], want, rtol=1e-5)
+            want0 = ((x[0, b].astype(np.float64) - v[0, 0]) ** 2).sum(-1)
+            if a == 0:
+                np.testing.assert_allclose(rs_shared[b], want0, rtol=1e-5)
+
+
+def test_kernel_beats_the_gram_matrix_on_cancellation():
+    # Rows 1e3 apart on a common offset of 1e4 per coordinate: the uncentred Gram
+    # matrix loses every digit in float32, differences do not.
+    rng = np.random.default_rng(1)
+    x = (1e4 + 1e-3 * rng.normal(size=(6, 4096))).astype(np.float32)
+    got = np.asarray(_jit(nm.pairwise_sq_dists)(x))
+    np.testing.assert_allclose(got, _want_pairwise(x), rtol=1e-4)
+
+
+def test_switch_and_dtypes(monkeypatch):
+    x = jnp.ones((3, 4), jnp.float32)
+    assert _native.usable(x)
+    assert not _native.usable(x.astype(jnp.bfloat16))
+    monkeypatch.setenv("BYZJAX_NATIVE", "0")
+    assert not _native.enabled() and not _native.usable(x)
+
+
+def test_failed_build_raises_with_the_compiler_output(tmp_path, monkeypatch):
+    monkeypatch.setenv("BYZJAX_CACHE_DIR", str(tmp_path))
+    script = tmp_path / "cxx"
+    script.write_text("#!/bin/sh\necho 'cc 1.0'\n[ \"$1\" = --version ] || exit 3\n")
+    script.chmod(0o755)
+    with pytest.raises(subprocess.CalledProcessError):
+        _native._build(str(script))
+    assert list(tmp_path.glob("*.so")) == []  # no half-written library is left
+
+
+def test_kernels_differentiate_like_their_formulas():
+    # The simulator's influence weights take a VJP through the rules.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(5, 19)).astype(np.float32)
+    v = rng.normal(size=19).astype(np.float32)
+    w = rng.normal(size=(5, 5)).astype(np.float32)
+
+    def plain_pw(x):
+        return ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+
+    def plain_rs(x, v):
+        return ((x - v) ** 2).sum(-1)
+
+    got = jax.grad(lambda x: (_native.pairwise_sq_dists(x) * w).sum())(x)
+    want = jax.grad(lambda x: (plain_pw(x) * w).sum())(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    got = jax.grad(lambda x, v: (_native.row_sq_dists(x, v) * w[0]).sum(), (0, 1))
+    want = jax.grad(lambda x, v: (plain_rs(x, v) * w[0]).sum(), (0, 1))
+    for a, b in zip(got(x, v), want(x, v), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
