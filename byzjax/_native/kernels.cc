@@ -5,7 +5,7 @@
 //     YNNPACK GEMM runs the skinny Gram matrix behind it at 5-7 GFLOP/s, and a loop
 //     of small products runs on one core. Here the differences are taken directly
 //     (no Gram, so no cancellation and no centre), in column blocks, register
-//     tiles of 3 x 4 rows, the upper triangle only, and the columns split over
+//     tiles of 3 x 3 rows, the upper triangle only, and the columns split over
 //     threads.
 //   row_sq_dists: r_i = sum_k (x_ik - v_k)^2. XLA:CPU streams v once per row (the
 //     reduction took 4-5 reads of x at n = 100); here a column block of v stays in
@@ -92,6 +92,11 @@ void tile(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
     for (int r = 0; r < R; ++r) a[r] = load8(x + (i0 + r) * d + k);
     for (int c = 0; c < C; ++c) {
       v8 b = load8(x + (j0 + c) * d + k);
+      // Keeps b in a register: GCC otherwise folds its load into every
+      // subtraction, loading it R times (the loop was load-bound).
+#if defined(__x86_64__)
+      asm("" : "+x"(b));
+#endif
       for (int r = 0; r < R; ++r) {
         v8 t = a[r] - b;
         s[r][c] += t * t;
@@ -110,9 +115,10 @@ void tile(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
   }
 }
 
-// Register tile: 3 rows held, 4 streamed (12 accumulators; 2 x 4 and 4 x 2/3 were
-// slower at n = 25 and 100).
-constexpr int kRows = 3, kCols = 4;
+// Register tile: 3 rows held, 3 streamed (9 accumulators + 3 + 1 + 1 temporary of
+// AVX2's 16 registers). 3 x 4, 2 x 4, 2 x 5 and 4 x 2 were as fast or slower at
+// n = 25 and 100: past the loads, the kernel is bound by the subtractions and FMAs.
+constexpr int kRows = 3, kCols = 3;
 
 template <int R, int C>
 void tile_cols(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
