@@ -56,6 +56,7 @@ def usable(*arrays: jax.Array) -> bool:
 @jax.custom_jvp
 def pairwise_sq_dists(x: jax.Array) -> jax.Array:
     """D_ij = sum_k (x_ik - x_jk)^2 of a (..., n, d) float32 array; NaN/Inf flow."""
+    _require()
     n = x.shape[-2]
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), x.dtype)
     call = jax.ffi.ffi_call(
@@ -78,6 +79,7 @@ def _pairwise_jvp(primals, tangents):
 @jax.custom_jvp
 def row_sq_dists(x: jax.Array, v: jax.Array) -> jax.Array:
     """r_i = sum_k (x_ik - v_k)^2 of a (..., n, d) array and a (..., d) vector."""
+    _require()
     out = jax.ShapeDtypeStruct(x.shape[:-1], x.dtype)
     call = jax.ffi.ffi_call("byzjax_row_sq_dists", out, vmap_method="broadcast_all")
     return call(x, v)
@@ -93,6 +95,12 @@ def _row_jvp(primals, tangents):
         "...nd,...d->...n", diff, s, precision=hi
     )
     return row_sq_dists(x, v), 2.0 * dr
+
+
+def _require() -> None:
+    # The targets are registered when the library is first loaded.
+    if _library() is None:
+        raise RuntimeError("byzjax: the CPU kernels are not available")
 
 
 def _cpu_signature() -> str:
