@@ -9,10 +9,10 @@
 //     threads.
 //   row_sq_dists: r_i = sum_k (x_ik - v_k)^2. XLA:CPU streams v once per row (the
 //     reduction took 4-5 reads of x at n = 100); here a column block of v stays in
-//     L1 while every row passes.
+//     L2 while every row passes.
 //
-// Both accumulate float32 lanes over one column block (at most 8,192 columns) and
-// the blocks in float64. Leading batch dimensions (from jax.vmap) are looped over.
+// Both accumulate float32 lanes over one column block (at most 8,192 and 32,768
+// columns) and the blocks in float64. Leading batch dimensions (from jax.vmap) are looped over.
 // Non-finite input flows through IEEE arithmetic: a NaN or Inf row gives NaN or
 // Inf sums, which the Python side maps to +Inf.
 
@@ -190,7 +190,10 @@ ffi::Error PairwiseSqDistsImpl(ffi::Buffer<ffi::F32> x,
 // r_i += sum over columns [lo, hi) of (x_i - v)^2 for every row, block by block.
 void row_range(const float* x, const float* v, int64_t n, int64_t d, int64_t lo,
                int64_t hi, double* acc) {
-  const int64_t block = 512;
+  // 32,768 columns (128 KB of v, in L2): every row is read in long runs, which
+  // the prefetchers stream. At (25, 1e6): 512 columns took 7.2 ms, 32,768 5.3 ms,
+  // one read of x 4.9 ms; at n = 100: 28.3, 21.3 and 16.7 ms.
+  const int64_t block = 32768;
   for (int64_t k0 = lo; k0 < hi; k0 += block) {
     int64_t k1 = std::min(hi, k0 + block);
     for (int64_t i = 0; i < n; ++i) {
