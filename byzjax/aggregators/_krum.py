@@ -21,6 +21,7 @@ from byzjax._numerics import (
     pairwise_sq_dists,
     robust_center,
     smallest_k,
+    weighted_row_sum,
 )
 from byzjax.aggregators._base import Aggregator, stateless
 
@@ -108,8 +109,8 @@ def multi_krum(
     """Multi-Krum: the average of the m inputs with the smallest Krum scores.
 
     With pi ordering the workers by (s_i, i), MultiKrum_m(X) = (1/m) sum_{r<m}
-    x_{pi(r)}. m = 1 is Krum, m = n is the mean. The selected rows are gathered and
-    averaged (never a 0/1-weighted matmul: 0 * Inf would be NaN).
+    x_{pi(r)}. m = 1 is Krum, m = n is the mean. The unselected rows add exactly
+    nothing, even when they hold NaN or Inf (0 * Inf is never formed).
 
     Args:
       f: number of Byzantine workers tolerated.
@@ -139,11 +140,15 @@ def multi_krum(
         k = _neighbours("multi_krum", n, f, neighbors, variant)
         count = n - f if m is None else m
         require(count <= n, "multi_krum", "1 <= m <= n", n=n, f=f, m=count)
-        _, chosen = smallest_k(krum_scores(x, k, f), count)
-        # One dynamic row slice per chosen index, summed in one fused loop: the
-        # gather `x[chosen]` wrote an (m, d) copy first (130 vs 80 ms for Krum at
-        # (25, 1e6) on XLA:CPU).
-        return sum(x[chosen[r]] for r in range(count)) / count
+        scores = krum_scores(x, k, f)
+        _, chosen = smallest_k(scores, count)
+        # One matrix-vector product with weights 1/m on the chosen rows: at
+        # (100, 1e6) 18 ms against 30 ms for the m chosen rows summed (a gather
+        # `x[chosen]` wrote an (m, d) copy first, slower still). A finite score
+        # means a finite row, so the product is exact; with a row that is not
+        # finite and not chosen, `weighted_row_sum` adds the chosen rows alone.
+        w = jnp.zeros(n, x.dtype).at[chosen].set(1.0 / count)
+        return weighted_row_sum(w, x, jnp.isfinite(scores) | (w > 0))
 
     return stateless(fn)
 
