@@ -14,7 +14,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from byzjax import _native
-from byzjax._sorting import SELECT_MAX_N, _nan_to_posinf, order_statistics, sort_rows
+from byzjax._sorting import (
+    FULL_NETWORK_MAX_N,
+    SELECT_MAX_N,
+    _nan_to_posinf,
+    order_statistics,
+    ranked_rows,
+    sort_rows,
+)
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -250,14 +257,22 @@ def coordinate_median(x: jax.Array) -> jax.Array:
 def coordinate_trimmed_mean(x: jax.Array, b: int) -> jax.Array:
     """Mean of the order statistics b+1 .. n-b of each coordinate (NaN as +Inf).
 
-    With lo = x_(b+1) and hi = x_(n-b), clipping every entry to [lo, hi] maps the b
-    smallest to lo and the b largest to hi and leaves the middle alone, so
-    sum_k clip(x_k) - b (lo + hi) is the trimmed sum whatever the ties: two order
-    statistics from the network and one fused pass over x, instead of a full sort.
+    Up to `FULL_NETWORK_MAX_N` rows, the middle ranks are summed straight off the
+    sorting network, in its fused loop. Above, with lo = x_(b+1) and hi = x_(n-b),
+    clipping every entry to [lo, hi] maps the b smallest to lo and the b largest to
+    hi and leaves the middle alone, so sum_k clip(x_k) - b (lo + hi) is the trimmed
+    sum whatever the ties: two order statistics from the network and one fused pass
+    over x, instead of a full sort.
     """
     n = x.shape[0]
     if b == 0:
         return row_mean(x)
+    if n <= FULL_NETWORK_MAX_N:
+        # The middle ranks summed inside the network's fused loop: one read of x
+        # instead of two (network, then clipping pass), 10-25 % faster at n = 25
+        # and 32 though the network keeps more compare-exchanges.
+        ranked = ranked_rows(x)
+        return sum_rows(lambda i: ranked[b + i], n - 2 * b) / (n - 2 * b)
     lo, hi = order_statistics(x, [b, n - b - 1])
     # Row by row, for the reason given in `order_statistics`.
     clipped = [jnp.clip(nan_to_posinf(x[i]), lo, hi) for i in range(n)]

@@ -104,6 +104,18 @@ def order_statistics(
     return list(lax.optimization_barrier(tuple(ranked[k] for k in ks)))
 
 
+def ranked_rows(x: jax.Array) -> list[jax.Array]:
+    """Every wire of the network over the rows of x (wire k = rank k), NaN as +Inf.
+
+    Not materialised: for a single consumer that reads several ranks in one fused
+    loop (the trimmed mean's sum of the middle ranks). Ranks it does not read are
+    pruned by XLA. For n <= `FULL_NETWORK_MAX_N` only (compile time).
+    """
+    if x.shape[0] > FULL_NETWORK_MAX_N:
+        raise ValueError(f"ranked_rows: n = {x.shape[0]} > {FULL_NETWORK_MAX_N}")
+    return _network([_nan_to_posinf(x[i]) for i in range(x.shape[0])], True)
+
+
 def sort_rows(x: jax.Array) -> jax.Array:
     """All order statistics: x sorted along axis 0, NaN as +Inf."""
     return jnp.stack(order_statistics(x, range(x.shape[0])))
