@@ -78,14 +78,14 @@ def time_jitted(
     }
 
 
-def read_floor(x: jax.Array, repeats: int = 5) -> float:
-    """Seconds to read x once: the fastest of `ones @ x` and row-by-row sums.
+def floor_candidates(x: jax.Array) -> list[tuple]:
+    """(fn, args) pairs that each read x once; the fastest is the read floor.
 
-    For a dtype narrower than float32 the candidates also include a row sum of a
-    float32 array of the same bytes: XLA:CPU has no fast bfloat16 read kernel (its
-    best bfloat16 row sum of (25, 1e6) took 69 ms, with float32 conversions inside,
-    against 3 to 6 ms to read the same 50 MB as float32), so the floor of a bfloat16
-    input is the time the memory system needs for its bytes.
+    `ones @ x` and row-by-row sums. For a dtype narrower than float32 also a row sum
+    of a float32 array of the same bytes: XLA:CPU has no fast bfloat16 read kernel
+    (its best bfloat16 row sum of (25, 1e6) took 69 ms, with float32 conversions
+    inside, against 3 to 6 ms to read the same 50 MB as float32), so the floor of a
+    bfloat16 input is the time the memory system needs for its bytes.
     """
     ones = jnp.ones((x.shape[0],), x.dtype)
 
@@ -103,9 +103,40 @@ def read_floor(x: jax.Array, repeats: int = 5) -> float:
         words = x.shape[1] * x.dtype.itemsize // 4
         same_bytes = jnp.ones((x.shape[0], words), jnp.float32)
         candidates.append((rows, (same_bytes,)))
+    return candidates
+
+
+def read_floor(x: jax.Array, repeats: int = 5) -> float:
+    """Seconds to read x once: the fastest of `floor_candidates(x)`."""
     return min(
-        time_jitted(fn, *args, repeats=repeats)["seconds"] for fn, args in candidates
+        time_jitted(fn, *args, repeats=repeats)["seconds"]
+        for fn, args in floor_candidates(x)
     )
+
+
+def alternate(calls, repeats: int) -> list[float]:
+    """Median seconds of each (fn, args), the calls alternated round by round.
+
+    A machine that slows down mid-run slows every form alike, so ratios between
+    them hold where separate timings drift (up to 1.5x between runs on the 2-core
+    VM of docs/benchmarks.md).
+    """
+    compiled = [(jax.jit(fn).lower(*args).compile(), args) for fn, args in calls]
+    for fn, args in compiled:
+        jax.block_until_ready(fn(*args))
+    runs: list[list[float]] = [[] for _ in compiled]
+    for _ in range(repeats):
+        for i, (fn, args) in enumerate(compiled):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            runs[i].append(time.perf_counter() - start)
+    return [statistics.median(r) for r in runs]
+
+
+def paired_floor(fn, x: jax.Array, repeats: int = 9) -> tuple[float, float]:
+    """(seconds of fn(x), read-floor seconds), alternated with every floor form."""
+    times = alternate([(fn, (x,)), *floor_candidates(x)], repeats)
+    return times[0], min(times[1:])
 
 
 def command() -> str:

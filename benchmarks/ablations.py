@@ -11,9 +11,7 @@ them so that a busy machine slows both alike, and writes one JSON line per pair.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +23,7 @@ from byzjax.aggregators._clipping import clip_factors
 
 if __package__ in (None, ""):
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import command, emit, hardware  # noqa: E402
+from _common import alternate, command, emit, hardware  # noqa: E402
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -118,19 +116,6 @@ def native_pairs(f: int):
     ]
 
 
-def time_pair(ours, plain, args, repeats: int) -> tuple[float, float]:
-    fns = [jax.jit(g).lower(*args).compile() for g in (ours, plain)]
-    for g in fns:
-        jax.block_until_ready(g(*args))
-    runs: list[list[float]] = [[], []]
-    for _ in range(repeats):
-        for i, g in enumerate(fns):
-            start = time.perf_counter()
-            jax.block_until_ready(g(*args))
-            runs[i].append(time.perf_counter() - start)
-    return statistics.median(runs[0]), statistics.median(runs[1])
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[25, 100])
@@ -146,7 +131,7 @@ def main(argv=None) -> None:
             x = jnp.asarray(rng.normal(size=(n, d)), "float32")
             v = jnp.asarray(rng.normal(size=d), "float32")
             for name, ours, plain, what in pairs(n, n // 4 - 1):
-                a, b = time_pair(ours, plain, (x, v), args.repeats)
+                a, b = alternate([(ours, (x, v)), (plain, (x, v))], args.repeats)
                 emit(
                     {
                         **hw,

@@ -3,7 +3,9 @@
 One JSON line per (kind, name, n, d, dtype): compile seconds, the median of warm
 runs, GB/s (bytes of the (n, d) input read once / time) and the fraction of the read
 floor measured in the same run on the same array (floor seconds / rule seconds; 1.0 =
-at the floor). Pre-aggregators are timed chained before `mean`.
+at the floor). Pre-aggregators are timed chained before `mean`. The rules with a
+read-floor target are timed once more alternated call by call with the floor forms
+(`paired_floor_fraction`): the machine's speed drifts between separate timings.
 
   python benchmarks/aggregators.py --n 25 100 --d 1e5 1e6 \
       --dtype float32 bfloat16 --out benchmarks/results/aggregators.jsonl
@@ -23,7 +25,15 @@ import byzjax
 
 if __package__ in (None, ""):
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import command, emit, hardware, read_floor, time_jitted  # noqa: E402
+from _common import (  # noqa: E402
+    command,
+    emit,
+    hardware,
+    paired_floor,
+    read_floor,
+    time_jitted,
+)
+from report import FLOOR_RULES  # noqa: E402  (rules with a read-floor target)
 
 # Hyperparameters that a rule cannot do without (tau has no default).
 RULE_PARAMS = {"centered_clipping": {"tau": 1.0}}
@@ -78,6 +88,17 @@ def measure(kind, name, x, f, repeats):
         honest,
         repeats=repeats,
     )
+
+
+def paired(name, x, f, repeats: int = 9) -> dict:
+    """The rule and the read floor alternated call by call (see `alternate`)."""
+    agg = byzjax.aggregators.build(name, f=f, **RULE_PARAMS.get(name, {}))
+    rule_s, floor_s = paired_floor(_rule_fn(agg), x, repeats)
+    return {
+        "paired_s": rule_s,
+        "paired_floor_s": floor_s,
+        "paired_floor_fraction": floor_s / rule_s,
+    }
 
 
 def main(argv=None) -> None:
@@ -136,6 +157,8 @@ def main(argv=None) -> None:
                                 gbps=gb / t["seconds"],
                                 floor_fraction=floor / t["seconds"],
                             )
+                            if kind == "rule" and name in FLOOR_RULES:
+                                rec.update(paired(name, x, f))
                         except Exception as err:  # noqa: BLE001 - recorded, go on
                             rec["error"] = f"{type(err).__name__}: {err}"[:300]
                             if "max_subsets" in str(err):  # mda's C(n, f) budget
