@@ -10,7 +10,7 @@ matrix and hence no cancellation, on every core the process may use.
 The shared library is compiled with the system C++ compiler the first time a rule
 asks for it (about 6 s) and cached under `$BYZJAX_CACHE_DIR` (default
 `~/.cache/byzjax`), keyed by the source, jax's version, the compiler and the CPU.
-Without a compiler, or with `BYZJAX_NATIVE=0`, `available()` is False and the
+Without a compiler, or with `BYZJAX_NATIVE=0`, `enabled()` is False and the
 rules use their pure-XLA forms, which compute the same quantities (tested against
 the same float64 oracle). Only float32 on the CPU backend goes through the kernels.
 """

@@ -1,9 +1,10 @@
 """Krum and Multi-Krum: select the input(s) with the tightest neighbourhood.
 
 Both rules score every worker by the sum of its squared distances to its k nearest
-other workers. Distances come from one Gram matrix of X centred on the coordinate-wise
-median (`pairwise_sq_dists`), so the cost is O(n^2 d) flops plus O(n^2 log n) for the
-per-row k-smallest; NaN distances are +Inf, so a broken row never scores well.
+other workers. Distances come from `pairwise_sq_dists` (on the CPU a kernel summing
+squared differences; elsewhere one Gram matrix of X centred on a robust centre), so
+the cost is O(n^2 d) flops plus O(n^2 log n) for the per-row k-smallest; NaN
+distances are +Inf, so a broken row never scores well.
 
 References:
   Blanchard, El Mhamdi, Guerraoui, Stainer. "Machine Learning with Adversaries:
