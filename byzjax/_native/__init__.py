@@ -118,22 +118,19 @@ def _compiler() -> str | None:
 
 
 def _cache_dir() -> pathlib.Path:
-    """$BYZJAX_CACHE_DIR, else the user cache, else (read-only home) a temp dir."""
+    """$BYZJAX_CACHE_DIR, else the user cache, else (no usable home) a temp dir."""
     root = os.environ.get("BYZJAX_CACHE_DIR")
     if root:
         return pathlib.Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache"
-    cache = base / "byzjax"
+    fallback = pathlib.Path(tempfile.gettempdir()) / f"byzjax-{os.getuid()}"
     try:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache"
+        cache = base / "byzjax"
         cache.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return pathlib.Path(tempfile.gettempdir()) / f"byzjax-{os.getuid()}"
-    return (
-        cache
-        if os.access(cache, os.W_OK)
-        else (pathlib.Path(tempfile.gettempdir()) / f"byzjax-{os.getuid()}")
-    )
+    except (OSError, RuntimeError):  # RuntimeError: no home directory at all
+        return fallback
+    return cache if os.access(cache, os.W_OK) else fallback
 
 
 def _build(cxx: str) -> pathlib.Path:
