@@ -12,7 +12,8 @@
 //     L2 while every row passes.
 //
 // Both accumulate float32 lanes over one column block (at most 8,192 and 32,768
-// columns) and the blocks in float64. Leading batch dimensions (from jax.vmap) are looped over.
+// columns) and the blocks in float64. Leading batch dimensions (from jax.vmap) are
+// looped over.
 // Non-finite input flows through IEEE arithmetic: a NaN or Inf row gives NaN or
 // Inf sums, which the Python side maps to +Inf.
 
@@ -46,9 +47,9 @@ inline double hsum(v8 v) {
   return s;
 }
 
-// Columns per block of the pairwise kernel: about 1 MB of rows. Smaller blocks
-// that fit L2 were slower in the measurements (64 KB: 1.3-2x at n = 100): every
-// tile's horizontal sums are paid once per block.
+// Columns per block of the pairwise kernel: about 1 MB of rows. Blocks that fit L2
+// (128 KB) were 1.2-1.3x slower at n = 100, 2 and 4 MB no faster; the cause was not
+// found (a cheaper horizontal sum per block changed nothing).
 int64_t block_columns(int64_t n) {
   int64_t b = (262144 / std::max<int64_t>(n, 1)) / 8 * 8;
   return std::clamp<int64_t>(b, 64, 8192);
@@ -117,7 +118,8 @@ void tile(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
 
 // Register tile: 3 rows held, 3 streamed (9 accumulators + 3 + 1 + 1 temporary of
 // AVX2's 16 registers). 3 x 4, 2 x 4, 2 x 5 and 4 x 2 were as fast or slower at
-// n = 25 and 100: past the loads, the kernel is bound by the subtractions and FMAs.
+// n = 25 and 100. The loop sustains ~60 % of Zen 3's subtraction + FMA rate, and a
+// Gram form (FMAs only) ran at the same speed, so the FP ports are not the limit.
 constexpr int kRows = 3, kCols = 3;
 
 template <int R, int C>
