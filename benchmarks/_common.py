@@ -38,6 +38,9 @@ def hardware() -> dict:
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
+        # The malloc settings the scripts restart with (byzjax/_allocator.py);
+        # a ByzFL subprocess inherits them.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 

@@ -25,6 +25,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import alternate, command, emit, hardware  # noqa: E402
 
+from byzjax._allocator import reexec_tuned  # noqa: E402
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -155,4 +157,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    reexec_tuned()
     main()

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import byzjax
+from byzjax._allocator import reexec_tuned
 
 if __package__ in (None, ""):
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -175,4 +176,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    reexec_tuned()
     main()

@@ -36,6 +36,8 @@ if __package__ in (None, ""):
 import aggregators as bench  # noqa: E402
 from _common import command, emit, hardware, read_floor, time_jitted  # noqa: E402
 
+from byzjax._allocator import reexec_tuned  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".byzfl-venv")
 
@@ -328,4 +330,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    reexec_tuned()
     main()

@@ -20,6 +20,7 @@ if __package__ in (None, ""):
 from _common import command, emit, hardware  # noqa: E402
 
 from byzjax import sim  # noqa: E402
+from byzjax._allocator import reexec_tuned  # noqa: E402
 
 RULES = (
     "mean",
@@ -103,4 +104,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    reexec_tuned()
     main()

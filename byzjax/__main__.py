@@ -1,7 +1,5 @@
 """`python -m byzjax`: the command line."""
 
-import sys
+from byzjax.cli import entry
 
-from byzjax.cli import main
-
-sys.exit(main())
+entry()

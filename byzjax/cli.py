@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from byzjax._allocator import reexec_tuned
+
 __all__ = ["DEMO_ATTACKS", "DEMO_RULES", "demo", "main"]
 
 DEMO_RULES = ("mean", "median", "trimmed_mean", "krum")
@@ -274,5 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _cmd_demo(args)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The installed `byzjax` command and `python -m byzjax[.cli]`: `main` in a
+    process restarted with the malloc settings of `byzjax._allocator` (large
+    XLA:CPU buffers are otherwise faulted in afresh on every call)."""
+    reexec_tuned()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
