@@ -4,6 +4,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,9 @@ def test_restart_keeps_large_buffers_mapped_between_calls():
     plain, tuned = _faults_per_call("plain"), _faults_per_call("tuned")
     assert plain > 10_000
     assert tuned < plain / 20
+
+
+def test_readme_export_line_is_the_tunables():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = ":".join(f"{k}={v}" for k, v in _allocator.TUNABLES.items())
+    assert f"export GLIBC_TUNABLES={line}\n" in readme
