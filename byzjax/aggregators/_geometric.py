@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from byzjax import _native
 from byzjax._checks import require, static_int
 from byzjax._numerics import (
     HIGHEST,
@@ -113,6 +114,24 @@ def geometric_median(
             scale = coordinate_median(norms(x)[:, None])[0]
             floor = floor * jnp.maximum(1.0, scale)
         z0 = _start(x, init)
+
+        def move(z, sq, usable):
+            beta = jnp.where(usable, 1.0 / jnp.maximum(floor, jnp.sqrt(sq)), 0.0)
+            total = beta.sum()
+            moved = weighted_row_sum(beta, x, usable) / total
+            return jnp.where(total > 0, moved, z)
+
+        if _native.usable(x):
+            # The CPU kernel takes the differences x_i - z itself (exact, no
+            # cancellation), so a step is one kernel pass and one product, and no
+            # centre is needed: at (100, 1e6) with ByzFL's preset 110 against
+            # 150 ms, the centre (a 49-row median network) alone taking 43 ms.
+            def step(_, z):
+                sq = row_sq_dists(x, z)
+                return move(z, sq, jnp.isfinite(sq))
+
+            return lax.fori_loop(0, iterations, step, z0)
+
         # Distances through a centre c inside the honest range (SPEC D18 as in
         # `pairwise_sq_dists`): ||x_i - z||^2 = a_i - 2 (x_i - c).(z - c) + ||z - c||^2
         # with a_i = ||x_i - c||^2 read once, so that a step is two matrix-vector
@@ -128,10 +147,7 @@ def geometric_median(
                 c, w, precision=HIGHEST
             )
             sq = jnp.maximum(a - 2.0 * proj + jnp.dot(w, w, precision=HIGHEST), 0.0)
-            beta = jnp.where(usable, 1.0 / jnp.maximum(floor, jnp.sqrt(sq)), 0.0)
-            total = beta.sum()
-            moved = weighted_row_sum(beta, x, usable) / total
-            return jnp.where(total > 0, moved, z)
+            return move(z, sq, usable)
 
         return lax.fori_loop(0, iterations, step, z0)
 
