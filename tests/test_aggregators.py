@@ -144,6 +144,22 @@ def test_nnm_matches_oracle_without_the_cpu_kernels(monkeypatch):
 
 BF16_RULES = sorted({name for name, _, _ in RULE_CASES})
 BF16_PARAMS = {"centered_clipping": {"tau": 1.0}}
+# Rules that read a bfloat16 input through byzjax/_native on the CPU.
+BF16_KERNEL_RULES = ["mean", "sign_majority"]
+
+
+@pytest.mark.parametrize("name", BF16_KERNEL_RULES)
+def test_bfloat16_rules_match_oracle_without_the_cpu_kernels(name, monkeypatch):
+    monkeypatch.setenv("BYZJAX_NATIVE", "0")
+    n, f, d = CONFIGS[2]
+    x, x64 = make_inputs(_seed(name, "bf16", "xla"), n, f, d, jnp.bfloat16)
+    out = _run_rule(name, f, {})(x)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float64),
+        reference.RULES[name](x64, f),
+        rtol=BF16_TOL,
+        atol=BF16_TOL,
+    )
 
 
 @pytest.mark.parametrize("n,f,d", CONFIGS[::2])

@@ -108,6 +108,7 @@ def test_switch_and_dtypes(monkeypatch):
     x = jnp.ones((3, 4), jnp.float32)
     assert _native.usable(x)
     assert not _native.usable(x.astype(jnp.bfloat16))
+    assert _native.usable(x.astype(jnp.bfloat16), dtype=jnp.bfloat16)
     monkeypatch.setenv("BYZJAX_NATIVE", "0")
     assert not _native.enabled() and not _native.usable(x)
 
@@ -142,3 +143,59 @@ def test_kernels_differentiate_like_their_formulas():
     want = jax.grad(lambda x, v: (plain_rs(x, v) * w[0]).sum(), (0, 1))
     for a, b in zip(got(x, v), want(x, v), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _bf16_inputs(seed, n, d):
+    # Normal values, exact zeros of both signs, and NaN / +-Inf / 1e38 entries,
+    # rounded to bfloat16 (the float64 oracle reads the same rounded values).
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    x[rng.random((n, d)) < 0.05] = 0.0
+    x[rng.random((n, d)) < 0.02] = -0.0
+    for value in BAD:
+        x[rng.random((n, d)) < 0.01] = value
+    xb = jnp.asarray(x, jnp.bfloat16)
+    return xb, np.asarray(xb, np.float64)
+
+
+def _want_rows(x64, mode):
+    with np.errstate(invalid="ignore", over="ignore"):
+        if mode == _native.ROW_SUM:
+            return x64.sum(-2)
+        up = x64 > 0 if mode == _native.SIGN_VOTE else x64 >= 0
+        return up.sum(-2) - (x64 < 0).sum(-2)
+
+
+@pytest.mark.parametrize(
+    "n,d", [(1, 5), (2, 8), (3, 9), (7, 2049), (25, 4103), (4, 2_000_003)]
+)
+@pytest.mark.parametrize(
+    "mode", [_native.ROW_SUM, _native.SIGN_VOTE, _native.SIGN_VOTE_ZERO_UP]
+)
+def test_bf16_rows_kernel_matches_numpy(n, d, mode):
+    # (4, 2e6 + 3): two threads, several 2,048-column blocks, a column tail.
+    xb, x64 = _bf16_inputs(n * 7 + d + mode, n, d)
+    out = _jit(lambda x: _native.bf16_rows(x, mode))(xb)
+    assert out.dtype == jnp.float32 and out.shape == (d,)
+    got, want = np.asarray(out, np.float64), _want_rows(x64, mode)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5 * n)
+
+
+def test_bf16_rows_vmap_and_derivative():
+    xb, x64 = _bf16_inputs(3, 4 * 5, 37)
+    batch = xb.reshape(4, 5, 37)
+    for mode in (_native.ROW_SUM, _native.SIGN_VOTE):
+        got = jax.vmap(lambda x, m=mode: _native.bf16_rows(x, m))(batch)
+        want = _want_rows(x64.reshape(4, 5, 37), mode)
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6)
+    t = jnp.asarray(np.random.default_rng(4).normal(size=(5, 37)), jnp.bfloat16)
+    finite = jnp.where(jnp.isfinite(batch[0]), batch[0], 0).astype(jnp.bfloat16)
+    _, tangent = jax.jvp(
+        lambda x: _native.bf16_rows(x, _native.ROW_SUM), (finite,), (t,)
+    )
+    np.testing.assert_allclose(tangent, np.asarray(t, np.float64).sum(0), rtol=1e-6)
+    _, tangent = jax.jvp(
+        lambda x: _native.bf16_rows(x, _native.SIGN_VOTE), (finite,), (t,)
+    )
+    assert not np.asarray(tangent).any()

@@ -1,4 +1,4 @@
-"""Two CPU kernels behind XLA's foreign function interface, built on first use.
+"""CPU kernels behind XLA's foreign function interface, built on first use.
 
 XLA:CPU runs two reductions far from this hardware's speed (docs/performance.md):
 the pairwise squared distances of the distance rules (its GEMM does the skinny
@@ -12,7 +12,10 @@ asks for it (about 6 s) and cached under `$BYZJAX_CACHE_DIR` (default
 `~/.cache/byzjax`), keyed by the source, jax's version, the compiler and the CPU.
 Without a compiler, or with `BYZJAX_NATIVE=0`, `enabled()` is False and the
 rules use their pure-XLA forms, which compute the same quantities (tested against
-the same float64 oracle). Only float32 on the CPU backend goes through the kernels.
+the same float64 oracle). Only the CPU backend goes through the kernels: float32
+for the distances; bfloat16 for `bf16_rows` (the sums and sign votes over rows of
+the mean and the sign majority), since XLA:CPU's loops over 16-bit elements are
+scalar.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
 _TARGETS = {
     "byzjax_pairwise_sq_dists": "ByzjaxPairwiseSqDists",
     "byzjax_row_sq_dists": "ByzjaxRowSqDists",
+    "byzjax_bf16_rows": "ByzjaxBf16Rows",
 }
 
 
@@ -44,11 +49,13 @@ def enabled() -> bool:
     return os.environ.get("BYZJAX_NATIVE", "1") != "0" and _library() is not None
 
 
-def usable(*arrays: jax.Array) -> bool:
-    """True when these arrays' computation can go through the kernels."""
+def usable(*arrays: jax.Array, dtype=jnp.float32) -> bool:
+    """True when these arrays' computation can go through the kernels: the CPU
+    backend, every array of `dtype` (float32 for the distance kernels, bfloat16
+    for `bf16_rows`)."""
     return (
         jax.default_backend() == "cpu"
-        and all(a.dtype == jnp.float32 for a in arrays)
+        and all(a.dtype == dtype for a in arrays)
         and enabled()
     )
 
@@ -95,6 +102,33 @@ def _row_jvp(primals, tangents):
         "...nd,...d->...n", diff, s, precision=hi
     )
     return row_sq_dists(x, v), 2.0 * dr
+
+
+# Modes of `bf16_rows`: what is summed over the rows.
+ROW_SUM, SIGN_VOTE, SIGN_VOTE_ZERO_UP = 0, 1, 2
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def bf16_rows(x: jax.Array, mode: int) -> jax.Array:
+    """Float32 sums over the rows of a (..., n, d) bfloat16 array.
+
+    mode ROW_SUM: sum_i x_i; SIGN_VOTE: sum_i [x_i > 0] - [x_i < 0];
+    SIGN_VOTE_ZERO_UP: sum_i [x_i >= 0] - [x_i < 0] (NaN votes nothing).
+    """
+    _require()
+    out = jax.ShapeDtypeStruct(x.shape[:-2] + x.shape[-1:], jnp.float32)
+    call = jax.ffi.ffi_call("byzjax_bf16_rows", out, vmap_method="broadcast_all")
+    return call(x, mode=np.int32(mode))
+
+
+@bf16_rows.defjvp
+def _bf16_rows_jvp(mode, primals, tangents):
+    # The sum is linear; the votes are piecewise constant (zero derivative).
+    (x,), (t,) = primals, tangents
+    out = bf16_rows(x, mode)
+    if mode == ROW_SUM:
+        return out, jnp.sum(t.astype(jnp.float32), axis=-2)
+    return out, jnp.zeros_like(out)
 
 
 def _require() -> None:

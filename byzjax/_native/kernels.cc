@@ -313,6 +313,98 @@ ffi::Error RowSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> v,
   return ffi::Error::Success();
 }
 
+// Row reductions of a bfloat16 (..., n, d) array into float32 (..., d). XLA:CPU
+// runs its loops over 16-bit elements as scalar code (the bfloat16 mean of
+// (25, 1e6) took 54-72 ms, against 3.4 ms to read the same bytes as float32);
+// here a bfloat16 becomes a float32 by a shift of its bits, eight at a time.
+// Mode 0: the sum over rows. Mode 1: sign votes sum_i [x_i > 0] - [x_i < 0];
+// mode 2: the same with 0 voting +1 ([x_i >= 0] - [x_i < 0]). NaN votes nothing.
+// A column block's float32 sums (8 KB) stay in L1 while every row passes through
+// it in a contiguous 4 KB run.
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+inline v8 load_bf16(const uint16_t* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  v8 v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t w = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+template <int Mode>
+inline v8 row_term(v8 v) {
+  if constexpr (Mode == 0) {
+    return v;
+  } else {
+    // Vector comparisons give -1 (true) or 0 per lane.
+    i32x8 up = Mode == 1 ? (v > 0.0f) : (v >= 0.0f);
+    i32x8 down = v < 0.0f;
+    return __builtin_convertvector(down - up, v8);
+  }
+}
+
+template <int Mode>
+inline float row_term(float v) {
+  if constexpr (Mode == 0) {
+    return v;
+  } else {
+    bool up = Mode == 1 ? v > 0.0f : v >= 0.0f;
+    return static_cast<float>(up) - static_cast<float>(v < 0.0f);
+  }
+}
+
+template <int Mode>
+void bf16_rows_range(const uint16_t* x, int64_t n, int64_t d, int64_t lo,
+                     int64_t hi, float* out) {
+  constexpr int64_t kBlock = 2048;
+  alignas(32) float acc[kBlock];
+  for (int64_t k0 = lo; k0 < hi; k0 += kBlock) {
+    const int64_t len = std::min(hi, k0 + kBlock) - k0;
+    std::fill(acc, acc + len, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint16_t* xi = x + i * d + k0;
+      int64_t k = 0;
+      for (; k + 8 <= len; k += 8) {
+        v8 a = load8(acc + k) + row_term<Mode>(load_bf16(xi + k));
+        std::memcpy(acc + k, &a, sizeof(a));
+      }
+      for (; k < len; ++k) acc[k] += row_term<Mode>(bf16_to_float(xi[k]));
+    }
+    std::memcpy(out + k0, acc, len * sizeof(float));
+  }
+}
+
+ffi::Error Bf16RowsImpl(ffi::Buffer<ffi::BF16> x, ffi::ResultBuffer<ffi::F32> out,
+                        int32_t mode) {
+  auto dims = x.dimensions();
+  if (dims.size() < 2 || mode < 0 || mode > 2) {
+    return ffi::Error::InvalidArgument("bf16_rows: x must be (..., n, d), mode 0-2");
+  }
+  const int64_t n = dims[dims.size() - 2], d = dims[dims.size() - 1];
+  const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
+  const int threads = thread_count(static_cast<double>(n) * d);
+  for (int64_t b = 0; b < batch; ++b) {
+    const uint16_t* xb = x.typed_data() + b * n * d;
+    float* ob = out->typed_data() + b * d;
+    split_columns(d, threads, [&](int, int64_t lo, int64_t hi) {
+      if (mode == 0) bf16_rows_range<0>(xb, n, d, lo, hi, ob);
+      if (mode == 1) bf16_rows_range<1>(xb, n, d, lo, hi, ob);
+      if (mode == 2) bf16_rows_range<2>(xb, n, d, lo, hi, ob);
+    });
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxPairwiseSqDists, PairwiseSqDistsImpl,
@@ -325,3 +417,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxRowSqDists, RowSqDistsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxBf16Rows, Bf16RowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("mode"));

@@ -9,7 +9,7 @@ References:
 from __future__ import annotations
 
 from byzjax._checks import static_int
-from byzjax._numerics import row_mean
+from byzjax._numerics import promoted_row_mean
 from byzjax.aggregators._base import Aggregator, stateless
 
 
@@ -26,7 +26,7 @@ def mean(f: int = 0) -> Aggregator:
       A stateless Aggregator.
     """
     static_int(f, "mean", "f")
-    return stateless(lambda x, params: row_mean(x))
+    return stateless(lambda x, params: promoted_row_mean(x), promote=False)
 
 
 RULES = {"mean": mean}

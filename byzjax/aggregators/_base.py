@@ -58,17 +58,23 @@ def _no_state(grads: jax.Array) -> tuple:
 
 
 def stateless(
-    fn: Callable[[jax.Array, Params], jax.Array], default_params: Params = ()
+    fn: Callable[[jax.Array, Params], jax.Array],
+    default_params: Params = (),
+    *,
+    promote: bool = True,
 ) -> Aggregator:
     """Wraps `fn(grads[n, d], params) -> aggregate[d]` as a stateless Aggregator.
 
-    The rule computes in float32 at least (bfloat16 inputs are promoted) and returns
-    the input dtype.
+    The rule computes in float32 at least (bfloat16 inputs are promoted before `fn`
+    sees them, unless `promote=False`: then `fn` gets the input as it is and
+    promotes it itself, for a kernel that reads bfloat16) and returns the input
+    dtype.
     """
 
     def update(grads, state, params):
         chex.assert_rank(grads, 2)
-        out = fn(grads.astype(compute_dtype(grads.dtype)), params)
+        x = grads.astype(compute_dtype(grads.dtype)) if promote else grads
+        out = fn(x, params)
         return out.astype(grads.dtype), state
 
     return Aggregator(_no_state, update, default_params)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from byzjax import _native
 from byzjax._checks import require, static_int
-from byzjax._numerics import map_rows_sum
+from byzjax._numerics import compute_dtype, map_rows_sum
 from byzjax.aggregators._base import Aggregator, stateless
 
 
@@ -27,6 +28,16 @@ def _vote(x, zero_sign):
     # isnan test: 15% faster than jnp.sign plus a NaN select at (25, 1e6).
     up = x >= 0 if zero_sign else x > 0
     return up.astype(x.dtype) - (x < 0).astype(x.dtype)
+
+
+def _votes(x, zero_sign):
+    # A bfloat16 input on the CPU through the kernel: XLA:CPU's loops over 16-bit
+    # elements are scalar (`_native.bf16_rows`).
+    if x.size and _native.usable(x, dtype=jnp.bfloat16):
+        mode = _native.SIGN_VOTE_ZERO_UP if zero_sign else _native.SIGN_VOTE
+        return _native.bf16_rows(x, mode)
+    x = x.astype(compute_dtype(x.dtype))
+    return map_rows_sum(lambda r: _vote(r, zero_sign), x)
 
 
 def sign_majority(f: int = 0, *, zero_sign: int = 0) -> Aggregator:
@@ -58,10 +69,9 @@ def sign_majority(f: int = 0, *, zero_sign: int = 0) -> Aggregator:
     def fn(x, params):
         n = x.shape[0]
         require(n >= 2 * f + 1, "sign_majority", "n >= 2f + 1", n=n, f=f)
-        votes = map_rows_sum(lambda r: _vote(r, zero_sign), x)
-        return _sign(votes, zero_sign)
+        return _sign(_votes(x, zero_sign), zero_sign)
 
-    return stateless(fn)
+    return stateless(fn, promote=False)
 
 
 RULES = {"sign_majority": sign_majority}
