@@ -119,18 +119,6 @@ def row_mean(x: jax.Array) -> jax.Array:
     return row_sum(x) / x.shape[0]
 
 
-def promoted_row_mean(x: jax.Array) -> jax.Array:
-    """`row_mean` in float32 at least, for an input not yet promoted.
-
-    A bfloat16 input on the CPU goes through the `_native.bf16_rows` kernel:
-    XLA:CPU's loops over 16-bit elements are scalar (54-72 ms for (25, 1e6)
-    against 3.4 ms to read the same bytes as float32).
-    """
-    if x.size and _native.usable(x, dtype=jnp.bfloat16):
-        return _native.bf16_rows(x, _native.ROW_SUM) / x.shape[0]
-    return row_mean(x.astype(compute_dtype(x.dtype)))
-
-
 def dot_mean(x: jax.Array) -> jax.Array:
     """Mean over the worker axis 0 as one matrix-vector product, materialised.
 

@@ -13,9 +13,8 @@ asks for it (about 6 s) and cached under `$BYZJAX_CACHE_DIR` (default
 Without a compiler, or with `BYZJAX_NATIVE=0`, `enabled()` is False and the
 rules use their pure-XLA forms, which compute the same quantities (tested against
 the same float64 oracle). Only the CPU backend goes through the kernels: float32
-for the distances; bfloat16 for `bf16_rows` (the sums and sign votes over rows of
-the mean and the sign majority), since XLA:CPU's loops over 16-bit elements are
-scalar.
+for the distances; bfloat16 for `bf16_rows` (the mean and the sign majority),
+since XLA:CPU's loops over 16-bit elements are scalar.
 """
 
 from __future__ import annotations
@@ -104,30 +103,31 @@ def _row_jvp(primals, tangents):
     return row_sq_dists(x, v), 2.0 * dr
 
 
-# Modes of `bf16_rows`: what is summed over the rows.
-ROW_SUM, SIGN_VOTE, SIGN_VOTE_ZERO_UP = 0, 1, 2
+# Modes of `bf16_rows`: which rule it computes.
+MEAN, SIGN_MAJORITY, SIGN_MAJORITY_ZERO_UP = 0, 1, 2
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def bf16_rows(x: jax.Array, mode: int) -> jax.Array:
-    """Float32 sums over the rows of a (..., n, d) bfloat16 array.
+    """A rule over the rows of a (..., n, d) bfloat16 array, as bfloat16 (..., d).
 
-    mode ROW_SUM: sum_i x_i; SIGN_VOTE: sum_i [x_i > 0] - [x_i < 0];
-    SIGN_VOTE_ZERO_UP: sum_i [x_i >= 0] - [x_i < 0] (NaN votes nothing).
+    MEAN: the mean of the rows. SIGN_MAJORITY: sign(sum_i sign(x_i)), NaN voting
+    nothing. SIGN_MAJORITY_ZERO_UP: the same with 0 mapped to +1 in the votes and
+    in the result. Computed in float32, rounded to nearest even at the end.
     """
     _require()
-    out = jax.ShapeDtypeStruct(x.shape[:-2] + x.shape[-1:], jnp.float32)
+    out = jax.ShapeDtypeStruct(x.shape[:-2] + x.shape[-1:], jnp.bfloat16)
     call = jax.ffi.ffi_call("byzjax_bf16_rows", out, vmap_method="broadcast_all")
     return call(x, mode=np.int32(mode))
 
 
 @bf16_rows.defjvp
 def _bf16_rows_jvp(mode, primals, tangents):
-    # The sum is linear; the votes are piecewise constant (zero derivative).
+    # The mean is linear; the signs are piecewise constant (zero derivative).
     (x,), (t,) = primals, tangents
     out = bf16_rows(x, mode)
-    if mode == ROW_SUM:
-        return out, jnp.sum(t.astype(jnp.float32), axis=-2)
+    if mode == MEAN:
+        return out, jnp.mean(t.astype(jnp.float32), axis=-2).astype(out.dtype)
     return out, jnp.zeros_like(out)
 
 

@@ -30,16 +30,6 @@ def _vote(x, zero_sign):
     return up.astype(x.dtype) - (x < 0).astype(x.dtype)
 
 
-def _votes(x, zero_sign):
-    # A bfloat16 input on the CPU through the kernel: XLA:CPU's loops over 16-bit
-    # elements are scalar (`_native.bf16_rows`).
-    if x.size and _native.usable(x, dtype=jnp.bfloat16):
-        mode = _native.SIGN_VOTE_ZERO_UP if zero_sign else _native.SIGN_VOTE
-        return _native.bf16_rows(x, mode)
-    x = x.astype(compute_dtype(x.dtype))
-    return map_rows_sum(lambda r: _vote(r, zero_sign), x)
-
-
 def sign_majority(f: int = 0, *, zero_sign: int = 0) -> Aggregator:
     """Majority vote of signs: vote(X)_j = sign(sum_i sign(x_ij)).
 
@@ -69,7 +59,13 @@ def sign_majority(f: int = 0, *, zero_sign: int = 0) -> Aggregator:
     def fn(x, params):
         n = x.shape[0]
         require(n >= 2 * f + 1, "sign_majority", "n >= 2f + 1", n=n, f=f)
-        return _sign(_votes(x, zero_sign), zero_sign)
+        # A bfloat16 input on the CPU through the kernel: XLA:CPU's loops over
+        # 16-bit elements are scalar.
+        if x.size and _native.usable(x, dtype=jnp.bfloat16):
+            mode = _native.SIGN_MAJORITY_ZERO_UP if zero_sign else _native.SIGN_MAJORITY
+            return _native.bf16_rows(x, mode)
+        x = x.astype(compute_dtype(x.dtype))
+        return _sign(map_rows_sum(lambda r: _vote(r, zero_sign), x), zero_sign)
 
     return stateless(fn, promote=False)
 
