@@ -1,5 +1,5 @@
-// CPU kernels for the two reductions XLA:CPU runs far from the hardware's speed
-// (measured with jax 0.10.2 on a 2-core AMD EPYC, float32, see docs/performance.md):
+// CPU kernels for the reductions XLA:CPU runs far from the hardware's speed
+// (measured with jax 0.10.2 on a 2-core AMD EPYC, see docs/performance.md):
 //
 //   pairwise_sq_dists: D_ij = sum_k (x_ik - x_jk)^2 over an (n, d) array. XLA's
 //     YNNPACK GEMM runs the skinny Gram matrix behind it at 5-7 GFLOP/s, and a loop
@@ -11,9 +11,12 @@
 //     reduction took 4-5 reads of x at n = 100); here a column block of v stays in
 //     L2 while every row passes.
 //
-// Both accumulate float32 lanes over one column block (at most 8,192 and 32,768
-// columns) and the blocks in float64. Leading batch dimensions (from jax.vmap) are
-// looped over.
+//   bf16_rows: the mean and the sign majority of a bfloat16 (n, d) array, whose
+//     16-bit elements XLA:CPU loops over with scalar code.
+//
+// The two distance kernels accumulate float32 lanes over one column block (at
+// most 8,192 and 32,768 columns) and the blocks in float64. Leading batch
+// dimensions (from jax.vmap) are looped over.
 // Non-finite input flows through IEEE arithmetic: a NaN or Inf row gives NaN or
 // Inf sums, which the Python side maps to +Inf.
 
