@@ -107,20 +107,24 @@ def test_rule_matches_oracle_float32(name, params, oracle_params, n, f, d):
     np.testing.assert_allclose(np.asarray(out, np.float64), expect, rtol=tol, atol=tol)
 
 
-# Rules whose distances go through byzjax/_native on the CPU: their pure-XLA forms
+# Rules that go through byzjax/_native on the CPU in float32: their pure-XLA forms
 # (GPUs, no C++ compiler) against the same oracle.
-DISTANCE_CASES = [
-    case
-    for case in RULE_CASES
-    if case[0]
-    in {"krum", "multi_krum", "bulyan", "geometric_median", "centered_clipping", "mda"}
-]
+NATIVE_RULES = {
+    "krum",
+    "multi_krum",
+    "bulyan",
+    "geometric_median",
+    "centered_clipping",
+    "mda",
+    "sign_majority",
+}
+NATIVE_CASES = [case for case in RULE_CASES if case[0] in NATIVE_RULES]
 
 
 @pytest.mark.parametrize(
-    "name,params,oracle_params", DISTANCE_CASES, ids=lambda v: str(v) if v else ""
+    "name,params,oracle_params", NATIVE_CASES, ids=lambda v: str(v) if v else ""
 )
-def test_distance_rules_match_oracle_without_the_cpu_kernels(
+def test_native_rules_match_oracle_without_the_cpu_kernels(
     name, params, oracle_params, monkeypatch
 ):
     monkeypatch.setenv("BYZJAX_NATIVE", "0")

@@ -145,9 +145,9 @@ def test_kernels_differentiate_like_their_formulas():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def _bf16_inputs(seed, n, d):
+def _row_inputs(seed, n, d, dtype=jnp.bfloat16):
     # Normal values, exact zeros of both signs, and NaN / +-Inf / 1e37 entries,
-    # rounded to bfloat16 (the float64 oracle reads the same rounded values).
+    # rounded to `dtype` (the float64 oracle reads the same rounded values).
     # 1e37, not 1e38: n <= 34 of them cannot overflow the kernel's float32 sum.
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d))
@@ -155,7 +155,7 @@ def _bf16_inputs(seed, n, d):
     x[rng.random((n, d)) < 0.02] = -0.0
     for value in (np.nan, np.inf, -np.inf, 1e37):
         x[rng.random((n, d)) < 0.01] = value
-    xb = jnp.asarray(x, jnp.bfloat16)
+    xb = jnp.asarray(x, dtype)
     return xb, np.asarray(xb, np.float64)
 
 
@@ -178,41 +178,45 @@ BF16_ULP = 2.0**-7  # the result is rounded to bfloat16 (8 significant bits)
 @pytest.mark.parametrize(
     "mode", [_native.MEAN, _native.SIGN_MAJORITY, _native.SIGN_MAJORITY_ZERO_UP]
 )
-def test_bf16_rows_kernel_matches_numpy(n, d, mode):
-    # (4, 2e6 + 3): two threads, several 2,048-column blocks, a column tail.
-    xb, x64 = _bf16_inputs(n * 7 + d + mode, n, d)
-    out = _jit(lambda x: _native.bf16_rows(x, mode))(xb)
-    assert out.dtype == jnp.bfloat16 and out.shape == (d,)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_row_rule_kernel_matches_numpy(n, d, mode, dtype):
+    # (4, 2e6 + 3): two threads, several 16,384-column blocks, a column tail;
+    # n = 7 and 25: passes of 4 rows and single rows.
+    xb, x64 = _row_inputs(n * 7 + d + mode, n, d, dtype)
+    out = _jit(lambda x: _native.row_rule(x, mode))(xb)
+    assert out.dtype == dtype and out.shape == (d,)
     got, want = np.asarray(out, np.float64), _want_rows(x64, mode)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    if mode == _native.MEAN:
+    if mode != _native.MEAN:
+        np.testing.assert_array_equal(got, want)
+    elif dtype == jnp.bfloat16:
         np.testing.assert_allclose(got, want, rtol=BF16_ULP, atol=1e-30)
     else:
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
 
 
-def test_bf16_rows_rounds_to_nearest_even_like_xla():
+def test_row_rule_rounds_bfloat16_to_nearest_even_like_xla():
     # Sums of two rows land between bfloat16 neighbours and on exact ties.
     rng = np.random.default_rng(5)
     xb = jnp.asarray(rng.normal(size=(2, 4099)), jnp.bfloat16)
-    got = _jit(lambda x: _native.bf16_rows(x, _native.MEAN))(xb)
+    got = _jit(lambda x: _native.row_rule(x, _native.MEAN))(xb)
     want = jnp.mean(xb.astype(jnp.float32), axis=0).astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_bf16_rows_vmap_and_derivative():
-    xb, x64 = _bf16_inputs(3, 4 * 5, 37)
+def test_row_rule_vmap_and_derivative():
+    xb, x64 = _row_inputs(3, 4 * 5, 37)
     batch = xb.reshape(4, 5, 37)
     for mode in (_native.MEAN, _native.SIGN_MAJORITY):
-        got = jax.vmap(lambda x, m=mode: _native.bf16_rows(x, m))(batch)
+        got = jax.vmap(lambda x, m=mode: _native.row_rule(x, m))(batch)
         want = _want_rows(x64.reshape(4, 5, 37), mode)
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=BF16_ULP)
     t = jnp.asarray(np.random.default_rng(4).normal(size=(5, 37)), jnp.bfloat16)
     finite = jnp.where(jnp.isfinite(batch[0]), batch[0], 0).astype(jnp.bfloat16)
-    _, tangent = jax.jvp(lambda x: _native.bf16_rows(x, _native.MEAN), (finite,), (t,))
+    _, tangent = jax.jvp(lambda x: _native.row_rule(x, _native.MEAN), (finite,), (t,))
     want = np.asarray(t, np.float64).mean(0)
     np.testing.assert_allclose(np.asarray(tangent, np.float64), want, rtol=BF16_ULP)
     _, tangent = jax.jvp(
-        lambda x: _native.bf16_rows(x, _native.SIGN_MAJORITY), (finite,), (t,)
+        lambda x: _native.row_rule(x, _native.SIGN_MAJORITY), (finite,), (t,)
     )
     assert not np.asarray(tangent, np.float64).any()

@@ -13,8 +13,9 @@ asks for it (about 6 s) and cached under `$BYZJAX_CACHE_DIR` (default
 Without a compiler, or with `BYZJAX_NATIVE=0`, `enabled()` is False and the
 rules use their pure-XLA forms, which compute the same quantities (tested against
 the same float64 oracle). Only the CPU backend goes through the kernels: float32
-for the distances; bfloat16 for `bf16_rows` (the mean and the sign majority),
-since XLA:CPU's loops over 16-bit elements are scalar.
+for the distances; `row_rule` (the mean of bfloat16 input, the sign majority of
+float32 and bfloat16 input): XLA:CPU's loops over 16-bit elements are scalar, and
+its fused loops over many rows read them as interleaved streams.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _TARGETS = {
     "byzjax_pairwise_sq_dists": "ByzjaxPairwiseSqDists",
     "byzjax_row_sq_dists": "ByzjaxRowSqDists",
     "byzjax_bf16_rows": "ByzjaxBf16Rows",
+    "byzjax_f32_rows": "ByzjaxF32Rows",
 }
 
 
@@ -51,7 +53,7 @@ def enabled() -> bool:
 def usable(*arrays: jax.Array, dtype=jnp.float32) -> bool:
     """True when these arrays' computation can go through the kernels: the CPU
     backend, every array of `dtype` (float32 for the distance kernels, bfloat16
-    for `bf16_rows`)."""
+    for `row_rule`, float32 also)."""
     return (
         jax.default_backend() == "cpu"
         and all(a.dtype == dtype for a in arrays)
@@ -103,29 +105,31 @@ def _row_jvp(primals, tangents):
     return row_sq_dists(x, v), 2.0 * dr
 
 
-# Modes of `bf16_rows`: which rule it computes.
+# Modes of `row_rule`: which rule it computes.
 MEAN, SIGN_MAJORITY, SIGN_MAJORITY_ZERO_UP = 0, 1, 2
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def bf16_rows(x: jax.Array, mode: int) -> jax.Array:
-    """A rule over the rows of a (..., n, d) bfloat16 array, as bfloat16 (..., d).
+def row_rule(x: jax.Array, mode: int) -> jax.Array:
+    """A rule over the rows of a (..., n, d) float32 or bfloat16 array, (..., d).
 
     MEAN: the mean of the rows. SIGN_MAJORITY: sign(sum_i sign(x_i)), NaN voting
     nothing. SIGN_MAJORITY_ZERO_UP: the same with 0 mapped to +1 in the votes and
-    in the result. Computed in float32, rounded to nearest even at the end.
+    in the result. Computed in float32; a bfloat16 result is rounded to nearest
+    even at the end.
     """
     _require()
-    out = jax.ShapeDtypeStruct(x.shape[:-2] + x.shape[-1:], jnp.bfloat16)
-    call = jax.ffi.ffi_call("byzjax_bf16_rows", out, vmap_method="broadcast_all")
+    target = {jnp.bfloat16: "byzjax_bf16_rows", jnp.float32: "byzjax_f32_rows"}
+    out = jax.ShapeDtypeStruct(x.shape[:-2] + x.shape[-1:], x.dtype)
+    call = jax.ffi.ffi_call(target[x.dtype.type], out, vmap_method="broadcast_all")
     return call(x, mode=np.int32(mode))
 
 
-@bf16_rows.defjvp
-def _bf16_rows_jvp(mode, primals, tangents):
+@row_rule.defjvp
+def _row_rule_jvp(mode, primals, tangents):
     # The mean is linear; the signs are piecewise constant (zero derivative).
     (x,), (t,) = primals, tangents
-    out = bf16_rows(x, mode)
+    out = row_rule(x, mode)
     if mode == MEAN:
         return out, jnp.mean(t.astype(jnp.float32), axis=-2).astype(out.dtype)
     return out, jnp.zeros_like(out)

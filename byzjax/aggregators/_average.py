@@ -35,7 +35,7 @@ def mean(f: int = 0) -> Aggregator:
         # 16-bit elements are scalar (54-72 ms for (25, 1e6), 3.4 ms to read the
         # same bytes as float32).
         if x.size and _native.usable(x, dtype=jnp.bfloat16):
-            return _native.bf16_rows(x, _native.MEAN)
+            return _native.row_rule(x, _native.MEAN)
         return row_mean(x.astype(compute_dtype(x.dtype)))
 
     return stateless(fn, promote=False)
