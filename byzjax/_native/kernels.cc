@@ -322,16 +322,15 @@ ffi::Error RowSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> v,
   return ffi::Error::Success();
 }
 
-// Two rules over the rows of a bfloat16 (..., n, d) array, to bfloat16 (..., d).
-// XLA:CPU runs its loops over 16-bit elements as scalar code (the bfloat16 mean
-// of (25, 1e6) took 54-72 ms, against 3.4 ms to read the same bytes as float32);
-// here a bfloat16 becomes a float32 by a shift of its bits, eight at a time, and
-// the result is rounded back to nearest even, as XLA's conversion does.
-// Mode 0: the mean. Mode 1: the sign of the vote sum_i [x_i > 0] - [x_i < 0]
-// (0 for a tie). Mode 2: zero counts as positive, in the votes
-// ([x_i >= 0] - [x_i < 0]) and in the tie (+1). NaN votes nothing.
-// A column block's float32 sums (8 KB) stay in L1 while every row passes through
-// it in a contiguous 4 KB run.
+// Two rules over the rows of an (..., n, d) array, to (..., d) of the same dtype:
+// float32 or bfloat16. XLA:CPU runs its loops over 16-bit elements as scalar code
+// (the bfloat16 mean of (25, 1e6) took 54-72 ms, against 3.4 ms to read the same
+// bytes as float32), and its fused loop over 100 rows reads them as 100
+// interleaved streams. Here a bfloat16 becomes a float32 by a shift of its bits,
+// eight at a time, and a bfloat16 result is rounded to nearest even, as XLA's
+// conversion does. Mode 0: the mean. Mode 1: the sign of the vote
+// sum_i [x_i > 0] - [x_i < 0] (0 for a tie). Mode 2: zero counts as positive, in
+// the votes ([x_i >= 0] - [x_i < 0]) and in the tie (+1). NaN votes nothing.
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
