@@ -314,6 +314,40 @@ def coordinate_mean_around(x: jax.Array, center: jax.Array, k: int) -> jax.Array
     return total / k
 
 
+def coordinate_mean_around_median(x: jax.Array, k: int) -> jax.Array:
+    """`coordinate_mean_around(x, coordinate_median(x), k)`, in one network pass.
+
+    Up to `FULL_NETWORK_MAX_N` rows: the k entries closest to the median m form a
+    window [s, s + k) of the sorted column, and since (r_(i+k) - m) - (m - r_i)
+    grows with i, s counts the i with r_(i+k) - m < m - r_i. The window is summed
+    in the network's fused loop (one read of x instead of three: the median, the
+    deviations' order statistic, the tie pass; (25, 1e6): 8.5 against 12.5 ms). A
+    window is a set of values, not of workers, so a coordinate where two entries
+    lie at exactly the same distance on either side of m (T0 would pick by worker
+    index) or where m is not finite is marked NaN, and any NaN sends the whole
+    array through the general form. Bulyan keeps the general form: on its gathered
+    rows this path took 50.8 against 19.7 ms at (25, 1e6).
+    """
+    n = x.shape[0]
+    if n > FULL_NETWORK_MAX_N:
+        return coordinate_mean_around(x, coordinate_median(x), k)
+    r = ranked_rows(x)
+    m = r[n // 2] if n % 2 else 0.5 * (r[n // 2 - 1] + r[n // 2])
+    start = jnp.zeros(m.shape, jnp.int32)
+    tie = ~jnp.isfinite(m)
+    for i in range(n - k):
+        above, below = r[i + k] - m, m - r[i]
+        start = start + (above < below).astype(jnp.int32)
+        tie = tie | (above == below)
+    total = sum_rows(lambda j: jnp.where((start <= j) & (j < start + k), r[j], 0.0), n)
+    window = jnp.where(tie, jnp.nan, total / k)
+    return lax.cond(
+        jnp.isnan(window).any(),
+        lambda: coordinate_mean_around(x, coordinate_median(x), k),
+        lambda: window,
+    )
+
+
 def robust_center(x: jax.Array, f: int) -> jax.Array:
     """A centre for `pairwise_sq_dists`: the coordinate median of 2f + 1 rows.
 

@@ -76,6 +76,41 @@ def test_mean_around_breaks_ties_by_worker_index(n, k):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def _mean_around_median_oracle(x, k):
+    # Per coordinate: the median of the NaN-as-+Inf column, then the k entries
+    # closest to it, equal deviations to the lower worker index (SPEC T0).
+    s = _sanitized(x).astype(np.float64)
+    n = len(s)
+    srt = np.sort(s, axis=0)
+    med = srt[n // 2] if n % 2 else 0.5 * (srt[n // 2 - 1] + srt[n // 2])
+    with np.errstate(invalid="ignore"):
+        dev = np.nan_to_num(np.abs(s - med), nan=np.inf)
+    want = np.empty(s.shape[1])
+    for j in range(s.shape[1]):
+        order = np.lexsort((np.arange(n), dev[:, j]))[:k]
+        want[j] = s[order, j].mean()
+    return want
+
+
+@pytest.mark.parametrize("n,k", [(5, 3), (6, 4), (25, 20), (25, 5), (32, 24), (40, 30)])
+@pytest.mark.parametrize("data", ["normal", "ties", "broken"])
+def test_mean_around_median_window_matches_the_general_form(n, k, data):
+    # "normal": the one-pass window path; "ties": small integers put equal
+    # deviations on both sides of the median (the general form, by worker index);
+    # "broken": NaN / Inf rows (n = 40: the general form only).
+    rng = np.random.default_rng(n * 100 + k)
+    if data == "ties":
+        x = rng.integers(-3, 4, size=(n, 64)).astype(np.float32)
+    else:
+        x = rng.normal(size=(n, 4099)).astype(np.float32)
+    if data == "broken":
+        x[0], x[1] = np.nan, np.inf
+    got = jax.jit(lambda x: nm.coordinate_mean_around_median(x, k))(x)
+    np.testing.assert_allclose(
+        got, _mean_around_median_oracle(x, k), rtol=1e-5, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("native", ["1", "0"])
 @pytest.mark.parametrize("n,d", [(5, 300), (7, 4133), (40, 16500)])
 def test_pairwise_sq_dists_match_numpy_on_every_path(n, d, native, monkeypatch):

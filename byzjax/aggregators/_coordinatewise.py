@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from byzjax._checks import require, static_int
 from byzjax._numerics import (
-    coordinate_mean_around,
+    coordinate_mean_around_median,
     coordinate_median,
     coordinate_trimmed_mean,
 )
@@ -129,7 +129,7 @@ def mean_around_median(
         require(n >= 2 * f + 1, rule, "n >= 2f + 1", n=n, f=f)
         q = n - f - _MAM_VARIANTS[variant] if keep is None else keep
         require(1 <= q <= n, rule, "1 <= keep <= n", n=n, f=f, keep=q)
-        return coordinate_mean_around(x, coordinate_median(x), q)
+        return coordinate_mean_around_median(x, q)
 
     return stateless(fn)
 
