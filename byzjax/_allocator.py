@@ -34,8 +34,7 @@ TUNABLES = {
 
 
 def _parse(value: str) -> dict[str, str]:
-    items = (item.split("=", 1) for item in value.split(":") if "=" in item)
-    return {key: val for key, val in items}
+    return dict(item.split("=", 1) for item in value.split(":") if "=" in item)
 
 
 def tuned_env(environ: Mapping[str, str]) -> dict[str, str] | None:

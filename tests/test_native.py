@@ -108,7 +108,7 @@ def test_switch_and_dtypes(monkeypatch):
     x = jnp.ones((3, 4), jnp.float32)
     assert _native.usable(x)
     assert not _native.usable(x.astype(jnp.bfloat16))
-    assert _native.usable(x.astype(jnp.bfloat16), dtype=jnp.bfloat16)
+    assert _native.usable(x.astype(jnp.bfloat16), dtypes=(jnp.bfloat16,))
     monkeypatch.setenv("BYZJAX_NATIVE", "0")
     assert not _native.enabled() and not _native.usable(x)
 

@@ -50,13 +50,13 @@ def enabled() -> bool:
     return os.environ.get("BYZJAX_NATIVE", "1") != "0" and _library() is not None
 
 
-def usable(*arrays: jax.Array, dtype=jnp.float32) -> bool:
+def usable(*arrays: jax.Array, dtypes=(jnp.float32,)) -> bool:
     """True when these arrays' computation can go through the kernels: the CPU
-    backend, every array of `dtype` (float32 for the distance kernels, bfloat16
-    for `row_rule`, float32 also)."""
+    backend, every array of one of `dtypes` (float32 for the distance kernels;
+    `row_rule` also takes bfloat16)."""
     return (
         jax.default_backend() == "cpu"
-        and all(a.dtype == dtype for a in arrays)
+        and all(a.dtype in dtypes for a in arrays)
         and enabled()
     )
 

@@ -34,7 +34,7 @@ def mean(f: int = 0) -> Aggregator:
         # A bfloat16 input on the CPU through the kernel: XLA:CPU's loops over
         # 16-bit elements are scalar (54-72 ms for (25, 1e6), 3.4 ms to read the
         # same bytes as float32).
-        if x.size and _native.usable(x, dtype=jnp.bfloat16):
+        if x.size and _native.usable(x, dtypes=(jnp.bfloat16,)):
             return _native.row_rule(x, _native.MEAN)
         return row_mean(x.astype(compute_dtype(x.dtype)))
 

@@ -64,7 +64,7 @@ def sign_majority(f: int = 0, *, zero_sign: int = 0) -> Aggregator:
         # streams) took 2.2-2.6x a read of (100, 1e6). Unlike the mean's sum, a
         # pre-aggregator's rows are then written out first: signSGD is rarely
         # chained after one.
-        if x.size and (_native.usable(x, dtype=jnp.bfloat16) or _native.usable(x)):
+        if x.size and _native.usable(x, dtypes=(jnp.float32, jnp.bfloat16)):
             mode = _native.SIGN_MAJORITY_ZERO_UP if zero_sign else _native.SIGN_MAJORITY
             return _native.row_rule(x, mode)
         x = x.astype(compute_dtype(x.dtype))
