@@ -199,6 +199,45 @@ def test_rule_pytree_equals_flat(name):
     np.testing.assert_array_equal(out["b"].reshape(-1), flat[2:])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: jnp.dtype(t).name)
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rule_fused_update_equals_update(name, dtype):
+    # The form for computed rows (after a pre-aggregator) is the same rule: on 37
+    # columns (a kernel's 8-lane tail) and with a NaN row.
+    cfg = RULES[name]
+    agg = aggregators.build(name, f=cfg["f"], **cfg["params"])
+    if agg.fused_update is None:
+        return
+    rng = np.random.default_rng(7)
+    for x in (rng.normal(size=(cfg["n"], 37)), np.full((cfg["n"], 37), 0.5)):
+        x = jnp.asarray(x, dtype)
+        for rows in (x, x.at[1].set(jnp.nan)):
+            stored, fused = (
+                jax.jit(lambda x, u=u: u(x, agg.init(x), agg.default_params)[0])(rows)
+                for u in (agg.update, agg.fused_update)
+            )
+            assert stored.dtype == fused.dtype == dtype
+            np.testing.assert_allclose(
+                np.asarray(stored, np.float64),
+                np.asarray(fused, np.float64),
+                rtol=1e-6 if dtype == jnp.float32 else 1e-2,
+                atol=1e-6 if dtype == jnp.float32 else 1e-2,
+            )
+
+
+def test_chain_runs_the_rules_fused_update():
+    def const(v):
+        return lambda x, state, params: (jnp.full(x.shape[1], v, x.dtype), state)
+
+    rule = aggregators.Aggregator(lambda x: (), const(0.0), (), const(1.0))
+    alone = aggregators.chain((), rule)
+    chained = aggregators.chain([aggregators.get_pre("clipping")(tau=1.0)], rule)
+    x = _x(5)
+    assert bool(jnp.all(alone.update(x, (), ())[0] == 0.0))
+    out = chained.update(x, chained.init(x), chained.default_params)[0]
+    assert bool(jnp.all(out == 1.0))
+
+
 def _precondition_pattern(name, n, f, inequality):
     return (
         rf"^{re.escape(name)}: requires {re.escape(inequality)}, "

@@ -20,6 +20,7 @@ from byzjax._numerics import compute_dtype
 
 State = Any
 Params = Any
+Update = Callable[[jax.Array, State, Params], tuple[jax.Array, State]]
 
 
 class Aggregator(NamedTuple):
@@ -29,11 +30,17 @@ class Aggregator(NamedTuple):
       init: `init(grads[n, d]) -> state`.
       update: `update(grads[n, d], state, params) -> (aggregate[d], state)`.
       default_params: the sweepable hyperparameters the builder was given.
+      fused_update: `update` for rows computed in the same program (a
+        pre-aggregator's output, see `chain`), for a rule whose fastest form on
+        stored rows is a CPU kernel: a kernel reads memory, so the rows would be
+        written out first, where an XLA form fuses with their computation. None:
+        `update` serves both.
     """
 
     init: Callable[[jax.Array], State]
-    update: Callable[[jax.Array, State, Params], tuple[jax.Array, State]]
+    update: Update
     default_params: Params = ()
+    fused_update: Update | None = None
 
 
 class PreAggregator(NamedTuple):
@@ -47,7 +54,7 @@ class PreAggregator(NamedTuple):
     """
 
     init: Callable[[jax.Array], State]
-    update: Callable[[jax.Array, State, Params], tuple[jax.Array, State]]
+    update: Update
     default_params: Params = ()
     n_out: Callable[[int], int] = lambda n: n
 
@@ -62,22 +69,27 @@ def stateless(
     default_params: Params = (),
     *,
     promote: bool = True,
+    fused_fn: Callable[[jax.Array, Params], jax.Array] | None = None,
 ) -> Aggregator:
     """Wraps `fn(grads[n, d], params) -> aggregate[d]` as a stateless Aggregator.
 
     The rule computes in float32 at least (bfloat16 inputs are promoted before `fn`
     sees them, unless `promote=False`: then `fn` gets the input as it is and
     promotes it itself, for a kernel that reads bfloat16) and returns the input
-    dtype.
+    dtype. `fused_fn`, the same rule for computed rows, becomes `fused_update`.
     """
 
-    def update(grads, state, params):
-        chex.assert_rank(grads, 2)
-        x = grads.astype(compute_dtype(grads.dtype)) if promote else grads
-        out = fn(x, params)
-        return out.astype(grads.dtype), state
+    def wrap(fn):
+        def update(grads, state, params):
+            chex.assert_rank(grads, 2)
+            x = grads.astype(compute_dtype(grads.dtype)) if promote else grads
+            out = fn(x, params)
+            return out.astype(grads.dtype), state
 
-    return Aggregator(_no_state, update, default_params)
+        return update
+
+    fused = None if fused_fn is None else wrap(fused_fn)
+    return Aggregator(_no_state, wrap(fn), default_params, fused)
 
 
 def stateless_pre(

@@ -18,11 +18,14 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
     """Returns the Aggregator that applies `pres` in order, then `rule`.
 
     Its params are `{"pre": (params of each pre-aggregator,), "rule": rule params}`
-    and its state `(tuple of pre-aggregator states, rule state)`.
+    and its state `(tuple of pre-aggregator states, rule state)`. The rule runs its
+    `fused_update` where it has one: it reads the last stage's rows inside their
+    computation instead of from memory.
     """
     pres = tuple(pres)
     if not pres:
         return rule
+    rule_update = rule.fused_update or rule.update
 
     def init(grads):
         states = []
@@ -39,7 +42,7 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
         for pre, s, p in zip(pres, pre_states, params["pre"], strict=True):
             x, s = pre.update(x, s, p)
             new_states.append(s)
-        out, rule_state = rule.update(x, rule_state, params["rule"])
+        out, rule_state = rule_update(x, rule_state, params["rule"])
         return out, (tuple(new_states), rule_state)
 
     default_params = {

@@ -56,21 +56,27 @@ def sign_majority(f: int = 0, *, zero_sign: int = 0) -> Aggregator:
     if zero_sign not in (0, 1) or isinstance(zero_sign, bool):
         raise ValueError(f"sign_majority: zero_sign must be 0 or 1, got {zero_sign!r}")
 
-    def fn(x, params):
+    mode = _native.SIGN_MAJORITY_ZERO_UP if zero_sign else _native.SIGN_MAJORITY
+
+    def vote(x, kernel_dtypes):
         n = x.shape[0]
         require(n >= 2 * f + 1, "sign_majority", "n >= 2f + 1", n=n, f=f)
-        # On the CPU through the kernel: XLA:CPU's loops over 16-bit elements are
-        # scalar, and its fused vote over 100 float32 rows (100 interleaved
-        # streams) took 2.2-2.6x a read of (100, 1e6). Unlike the mean's sum, a
-        # pre-aggregator's rows are then written out first: signSGD is rarely
-        # chained after one.
-        if x.size and _native.usable(x, dtypes=(jnp.float32, jnp.bfloat16)):
-            mode = _native.SIGN_MAJORITY_ZERO_UP if zero_sign else _native.SIGN_MAJORITY
+        if x.size and _native.usable(x, dtypes=kernel_dtypes):
             return _native.row_rule(x, mode)
         x = x.astype(compute_dtype(x.dtype))
         return _sign(map_rows_sum(lambda r: _vote(r, zero_sign), x), zero_sign)
 
-    return stateless(fn, promote=False)
+    def fn(x, params):
+        # Stored rows on the CPU through the kernel: XLA:CPU's loops over 16-bit
+        # elements are scalar, and its fused vote over 100 float32 rows (100
+        # interleaved streams) took 2.2-2.6x a read of (100, 1e6).
+        return vote(x, (jnp.float32, jnp.bfloat16))
+
+    def fused_fn(x, params):
+        # Computed float32 rows: the votes fuse with their computation.
+        return vote(x, (jnp.bfloat16,))
+
+    return stateless(fn, promote=False, fused_fn=fused_fn)
 
 
 RULES = {"sign_majority": sign_majority}
