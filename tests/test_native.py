@@ -220,3 +220,75 @@ def test_row_rule_vmap_and_derivative():
         lambda x: _native.row_rule(x, _native.SIGN_MAJORITY), (finite,), (t,)
     )
     assert not np.asarray(tangent, np.float64).any()
+
+
+def _want_step(x, z, w):
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    on = w64 != 0
+    moved = z * (1.0 - w64.sum()) + w64[on] @ x64[on]
+    with np.errstate(invalid="ignore", over="ignore"):
+        sq = ((x64 - moved) ** 2).sum(-1)
+    return moved, sq
+
+
+@pytest.mark.parametrize("n,d", [(1, 5), (3, 7), (6, 9), (12, 1000), (100, 20001)])
+@pytest.mark.parametrize("bad", [0, 4])
+def test_step_kernel_matches_numpy(n, d, bad):
+    # (100, 20001): two threads, several column blocks, a 1-column tail; the
+    # weights of the NaN / Inf / 1e38 rows are 0 (the rules' usage), one more
+    # finite row gets weight 0 and the weights need not sum to 1.
+    x, z = _inputs(n * d + 1, n, d, min(bad, n))
+    rng = np.random.default_rng(n + d)
+    w = rng.uniform(0.0, 2.0 / n, size=n).astype(np.float32)
+    w[~np.isfinite(x).all(1) | (np.abs(x) > 1e30).any(1)] = 0.0
+    w[n // 2] = 0.0
+    want_z, want_sq = _want_step(x, z, w)
+    got_z, got_sq = _jit(_native.step_sq_dists)(x, z, w)
+    np.testing.assert_allclose(got_z, want_z, rtol=1e-5, atol=1e-5)
+    finite = np.isfinite(want_sq) & (want_sq < 1e38)
+    np.testing.assert_allclose(np.asarray(got_sq)[finite], want_sq[finite], rtol=1e-5)
+    assert not np.isfinite(np.asarray(got_sq)[~finite]).any()
+    no_dist = _jit(lambda x, z, w: _native.step_sq_dists(x, z, w, False))(x, z, w)
+    np.testing.assert_array_equal(no_dist[0], got_z)
+    assert not np.asarray(no_dist[1]).any()
+
+
+def test_step_kernel_zero_weights_keep_z_and_vmap():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 33)).astype(np.float32)
+    z = rng.normal(size=(2, 33)).astype(np.float32)
+    w = rng.uniform(size=(2, 5)).astype(np.float32)
+    w[1] = 0.0
+    got_z, got_sq = jax.jit(jax.vmap(_native.step_sq_dists))(x, z, w)
+    for b in range(2):
+        want_z, want_sq = _want_step(x[b], z[b], w[b])
+        np.testing.assert_allclose(got_z[b], want_z, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_sq[b], want_sq, rtol=1e-5)
+    np.testing.assert_array_equal(got_z[1], z[1])
+
+
+def test_step_kernel_differentiates_like_its_formula():
+    # Rows of weight 0 are left out of the sum, derivatives included (a NaN row
+    # must not leak into them).
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, 21)).astype(np.float32)
+    z = rng.normal(size=21).astype(np.float32)
+    w = rng.uniform(size=6).astype(np.float32)
+    w[2] = 0.0
+    cz, cs = rng.normal(size=21), rng.normal(size=6)
+    on = (w != 0)[:, None]
+
+    def plain(x, z, w):
+        moved = z * (1.0 - w.sum()) + w @ jnp.where(on, x, 0.0)
+        return moved, ((x - moved) ** 2).sum(-1)
+
+    def loss(step):
+        return lambda x, z, w: (step(x, z, w)[0] @ cz) + (step(x, z, w)[1] @ cs)
+
+    got = jax.grad(loss(_native.step_sq_dists), (0, 1, 2))(x, z, w)
+    want = jax.grad(loss(plain), (0, 1, 2))(x, z, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    x[2] = np.nan  # its own distance is NaN; z' and its derivatives are not
+    got = jax.grad(lambda *a: _native.step_sq_dists(*a)[0] @ cz, (0, 1, 2))(x, z, w)
+    assert bool(jnp.all(jnp.isfinite(got[1]))) and bool(jnp.all(jnp.isfinite(got[2])))

@@ -40,6 +40,7 @@ _SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
 _TARGETS = {
     "byzjax_pairwise_sq_dists": "ByzjaxPairwiseSqDists",
     "byzjax_row_sq_dists": "ByzjaxRowSqDists",
+    "byzjax_step_sq_dists": "ByzjaxStepSqDists",
     "byzjax_bf16_rows": "ByzjaxBf16Rows",
     "byzjax_f32_rows": "ByzjaxF32Rows",
 }
@@ -103,6 +104,48 @@ def _row_jvp(primals, tangents):
         "...nd,...d->...n", diff, s, precision=hi
     )
     return row_sq_dists(x, v), 2.0 * dr
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def step_sq_dists(
+    x: jax.Array, z: jax.Array, w: jax.Array, distances: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """One reweighting step in one read of a (..., n, d) float32 array.
+
+    z' = z (1 - sum_i w_i) + sum_{i: w_i != 0} w_i x_i (a row of weight 0 adds
+    nothing, even if it is not finite) and r_i = ||x_i - z'||^2 (zeros when not
+    `distances`). Returns (z', r).
+    """
+    _require()
+    out = (
+        jax.ShapeDtypeStruct(z.shape, x.dtype),
+        jax.ShapeDtypeStruct(x.shape[:-1], x.dtype),
+    )
+    call = jax.ffi.ffi_call("byzjax_step_sq_dists", out, vmap_method="broadcast_all")
+    return tuple(call(x, z, w, distances=np.int32(distances)))
+
+
+@step_sq_dists.defjvp
+def _step_jvp(distances, primals, tangents):
+    # dz' = dz (1 - sum w) - z sum dw + sum_i (dw_i x_i + w_i dx_i), x_i and dx_i
+    # zeroed where w_i = 0 (the kernel skips those rows), and
+    # dr_i = 2 (x_i - z').(dx_i - dz'): linear in the tangents.
+    (x, z, w), (dx, dz, dw) = primals, tangents
+    hi = lax.Precision.HIGHEST
+    zn, r = step_sq_dists(x, z, w, distances)
+    on = (w != 0)[..., None]
+    xs, dxs = jnp.where(on, x, 0.0), jnp.where(on, dx, 0.0)
+    dzn = (
+        dz * (1.0 - w.sum(-1, keepdims=True))
+        - z * dw.sum(-1, keepdims=True)
+        + jnp.einsum("...n,...nd->...d", dw, xs, precision=hi)
+        + jnp.einsum("...n,...nd->...d", w, dxs, precision=hi)
+    )
+    diff = x - zn[..., None, :]
+    dr = jnp.einsum("...nd,...nd->...n", diff, dx, precision=hi) - jnp.einsum(
+        "...nd,...d->...n", diff, dzn, precision=hi
+    )
+    return (zn, r), (dzn, 2.0 * dr if distances else jnp.zeros_like(r))
 
 
 # Modes of `row_rule`: which rule it computes.

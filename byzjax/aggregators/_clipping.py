@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from byzjax import _native
 from byzjax._checks import require, static_int
 from byzjax._numerics import (
     compute_dtype,
+    nan_to_posinf,
     norms,
     row_sq_dists,
     stack_rows,
@@ -105,13 +107,33 @@ def centered_clipping(
         x = grads.astype(compute_dtype(grads.dtype))
         radius = jnp.asarray(params["tau"], x.dtype)
 
+        def factors(sq):
+            scale, broken = clip_factors(jnp.sqrt(sq), radius)
+            return jnp.where(broken, 0.0, scale), broken
+
+        if _native.usable(x):
+            # Each iteration in one read of x (`step_sq_dists`: the centre moved
+            # by sum_i (s_i / n)(x_i - v), then the distances to it from cache),
+            # after one distance pass: L + 1 reads.
+            def kernel_step(v, sq, distances=True):
+                v, sq = _native.step_sq_dists(x, v, factors(sq)[0] / n, distances)
+                return v, nan_to_posinf(sq)
+
+            v0 = state.astype(x.dtype)
+            v, sq = lax.fori_loop(
+                0,
+                iterations - 1,
+                lambda _, c: kernel_step(*c),
+                (v0, row_sq_dists(x, v0)),
+            )
+            v = kernel_step(v, sq, distances=False)[0]
+            return v.astype(grads.dtype), v
+
         def step(_, v):
             # Two reads of x, no (n, d) temporary: the distances (`row_sq_dists`),
             # then sum_i s_i (x_i - v) as one matrix-vector product. Its rounding,
             # eps * ||v|| per coordinate, is that of the output v + moved / n itself.
-            sq = row_sq_dists(x, v)
-            scale, broken = clip_factors(jnp.sqrt(sq), radius)
-            scale = jnp.where(broken, 0.0, scale)
+            scale, broken = factors(row_sq_dists(x, v))
             moved = weighted_row_sum(scale, x, ~broken) - scale.sum() * v
             return v + moved / n
 

@@ -18,6 +18,7 @@ from byzjax._checks import require, static_int
 from byzjax._numerics import (
     HIGHEST,
     coordinate_median,
+    nan_to_posinf,
     norms,
     robust_center,
     row_sq_dists,
@@ -115,25 +116,32 @@ def geometric_median(
             floor = floor * jnp.maximum(1.0, scale)
         z0 = _start(x, init)
 
-        def move(z, sq, usable):
+        def weights(sq, usable):
             beta = jnp.where(usable, 1.0 / jnp.maximum(floor, jnp.sqrt(sq)), 0.0)
-            total = beta.sum()
+            return beta, beta.sum()
+
+        if _native.usable(x):
+            # A step in one read of x (`step_sq_dists`): the weighted sum, then the
+            # rows' distances to it from cache, exact (no centre, no
+            # cancellation), where the products below read x twice; T steps take
+            # T + 1 reads. (100, 1e6), ByzFL's preset (zero start, 3 steps):
+            # ?? against ?? ms; byzjax preset (median start, 8 steps): ??
+            def kernel_step(z, sq, distances=True):
+                beta, total = weights(sq, jnp.isfinite(sq))
+                w = jnp.where(total > 0, beta / total, 0.0)  # 0: z stays
+                z, sq = _native.step_sq_dists(x, z, w, distances)
+                return z, nan_to_posinf(sq)
+
+            sq0 = row_sq_dists(x, z0)
+            z, sq = lax.fori_loop(
+                0, iterations - 1, lambda _, c: kernel_step(*c), (z0, sq0)
+            )
+            return kernel_step(z, sq, distances=False)[0]
+
+        def move(z, sq, usable):
+            beta, total = weights(sq, usable)
             moved = weighted_row_sum(beta, x, usable) / total
             return jnp.where(total > 0, moved, z)
-
-        if init != "median" and _native.usable(x):
-            # The CPU kernel takes the differences x_i - z itself (exact, no
-            # cancellation), so a step is one kernel pass and one product, and no
-            # centre is needed: at (100, 1e6) with ByzFL's preset (zero start, 3
-            # steps) 110 against 150 ms, the centre (a 49-row median network)
-            # alone taking 43 ms. A median start is that centre for free, and a
-            # kernel pass costs more than a product (22 against 16 ms): there the
-            # products win (8 steps: 400 against 478 ms).
-            def step(_, z):
-                sq = row_sq_dists(x, z)
-                return move(z, sq, jnp.isfinite(sq))
-
-            return lax.fori_loop(0, iterations, step, z0)
 
         # Distances through a centre c inside the honest range (SPEC D18 as in
         # `pairwise_sq_dists`): ||x_i - z||^2 = a_i - 2 (x_i - c).(z - c) + ||z - c||^2
