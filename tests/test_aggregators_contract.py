@@ -203,13 +203,15 @@ def test_rule_pytree_equals_flat(name):
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_rule_fused_update_equals_update(name, dtype):
     # The form for computed rows (after a pre-aggregator) is the same rule: on 37
-    # columns (a kernel's 8-lane tail) and with a NaN row.
+    # columns (a kernel's 8-lane tail), with a NaN row, and with 40 rows (the mean
+    # reads stored float32 rows through its kernel above 32).
     cfg = RULES[name]
     agg = aggregators.build(name, f=cfg["f"], **cfg["params"])
     if agg.fused_update is None:
         return
     rng = np.random.default_rng(7)
-    for x in (rng.normal(size=(cfg["n"], 37)), np.full((cfg["n"], 37), 0.5)):
+    shapes = [(cfg["n"], 37), (40, 37)]
+    for x in [rng.normal(size=s) for s in shapes] + [np.full(shapes[0], 0.5)]:
         x = jnp.asarray(x, dtype)
         for rows in (x, x.at[1].set(jnp.nan)):
             stored, fused = (

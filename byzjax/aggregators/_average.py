@@ -15,6 +15,9 @@ from byzjax._checks import static_int
 from byzjax._numerics import compute_dtype, row_mean
 from byzjax.aggregators._base import Aggregator, stateless
 
+# Above this many float32 rows, XLA's fused row sum is slower than one read.
+_FUSED_ROWS_MAX = 32
+
 
 def mean(f: int = 0) -> Aggregator:
     """Coordinate-wise average, Mean(X) = (1/n) sum_i x_i.
@@ -38,9 +41,12 @@ def mean(f: int = 0) -> Aggregator:
     def fn(x, params):
         # Stored rows on the CPU through the kernel: XLA:CPU's loops over 16-bit
         # elements are scalar (bfloat16 (25, 1e6): 54-72 ms, 3.4 ms to read the
-        # same bytes as float32), and its fused sum of 100 float32 rows reads 100
-        # interleaved streams (1.5x a read of (100, 1e6); the kernel 1.0x).
-        return average(x, (jnp.float32, jnp.bfloat16))
+        # same bytes as float32), and its fused sum of more than about 32 float32
+        # rows reads as many interleaved streams (at (100, 1e6) 1.5x a read, the
+        # kernel 1.0x; at (16, 1e6) and (25, 1e6) both at the read, and the
+        # fused sum the faster of the two at (25, 1e5): 1.05x against 1.6x).
+        wide = x.shape[0] > _FUSED_ROWS_MAX
+        return average(x, (jnp.float32, jnp.bfloat16) if wide else (jnp.bfloat16,))
 
     def fused_fn(x, params):
         # Computed float32 rows: the row additions fuse with their computation
