@@ -93,11 +93,12 @@ def _mean_around_median_oracle(x, k):
 
 
 @pytest.mark.parametrize("n,k", [(5, 3), (6, 4), (25, 20), (25, 5), (32, 24), (40, 30)])
-@pytest.mark.parametrize("data", ["normal", "ties", "broken"])
+@pytest.mark.parametrize("data", ["normal", "ties", "broken", "majority"])
 def test_mean_around_median_window_matches_the_general_form(n, k, data):
-    # "normal": the one-pass window path; "ties": small integers put equal
-    # deviations on both sides of the median (the general form, by worker index);
-    # "broken": NaN / Inf rows (n = 40: the general form only).
+    # "normal": the one-pass path; "ties": small integers put equal deviations on
+    # both sides of the median (taken by worker index, still in one pass);
+    # "broken": NaN / Inf rows (n = 40: the general form only); "majority": a
+    # column more than half +Inf, whose median is not finite (the general form).
     rng = np.random.default_rng(n * 100 + k)
     if data == "ties":
         x = rng.integers(-3, 4, size=(n, 64)).astype(np.float32)
@@ -105,7 +106,17 @@ def test_mean_around_median_window_matches_the_general_form(n, k, data):
         x = rng.normal(size=(n, 4099)).astype(np.float32)
     if data == "broken":
         x[0], x[1] = np.nan, np.inf
+    if data == "majority":
+        x[: n // 2 + 1, 7] = np.inf
     got = jax.jit(lambda x: nm.coordinate_mean_around_median(x, k))(x)
+    if data == "majority":
+        # Beyond the breakdown point every deviation from an infinite median is
+        # +Inf; what is asked of the one-pass form is the general form's answer.
+        want = jax.jit(
+            lambda x: nm.coordinate_mean_around(x, nm.coordinate_median(x), k)
+        )(x)
+        np.testing.assert_array_equal(got, want)
+        return
     np.testing.assert_allclose(
         got, _mean_around_median_oracle(x, k), rtol=1e-5, atol=1e-6
     )

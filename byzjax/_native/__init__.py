@@ -1,11 +1,13 @@
 """CPU kernels behind XLA's foreign function interface, built on first use.
 
-XLA:CPU runs two reductions far from this hardware's speed (docs/performance.md):
+XLA:CPU runs some reductions far from this hardware's speed (docs/performance.md):
 the pairwise squared distances of the distance rules (its GEMM does the skinny
 Gram matrix at 5-7 GFLOP/s, a loop of small products runs on one core) and the
 distances of every row to one vector (a row reduction that re-reads the vector for
 every row). `kernels.cc` computes both directly from differences, with no Gram
-matrix and hence no cancellation, on every core the process may use.
+matrix and hence no cancellation, on every core the process may use; a
+reweighting step (`step_sq_dists`: a weighted sum of the rows, then every row's
+distance to it) in one read of x instead of two.
 
 The shared library is compiled with the system C++ compiler the first time a rule
 asks for it (about 6 s) and cached under `$BYZJAX_CACHE_DIR` (default
@@ -13,9 +15,9 @@ asks for it (about 6 s) and cached under `$BYZJAX_CACHE_DIR` (default
 Without a compiler, or with `BYZJAX_NATIVE=0`, `enabled()` is False and the
 rules use their pure-XLA forms, which compute the same quantities (tested against
 the same float64 oracle). Only the CPU backend goes through the kernels: float32
-for the distances; `row_rule` (the mean of bfloat16 input, the sign majority of
-float32 and bfloat16 input): XLA:CPU's loops over 16-bit elements are scalar, and
-its fused loops over many rows read them as interleaved streams.
+for the distances; `row_rule` (the mean and the sign majority of stored float32 or
+bfloat16 rows): XLA:CPU's loops over 16-bit elements are scalar, and its fused
+loops over many rows read them as interleaved streams.
 """
 
 from __future__ import annotations

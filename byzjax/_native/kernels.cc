@@ -11,9 +11,13 @@
 //     reduction took 4-5 reads of x at n = 100); here a column block of v stays in
 //     L2 while every row passes.
 //
-//   row_rule: the mean of a bfloat16 (n, d) array and the sign majority of a
-//     float32 or bfloat16 one: XLA:CPU loops over 16-bit elements with scalar
-//     code, and its fused loop over 100 rows reads 100 interleaved streams.
+//   step_sq_dists: z' = z (1 - sum w) + sum_i w_i x_i, then r_i = ||x_i - z'||^2,
+//     in one read of x (a block of rows summed from memory, then measured from
+//     cache): a geometric-median or centered-clipping step, where XLA reads x
+//     twice.
+//   row_rule: the mean and the sign majority of a float32 or bfloat16 (n, d)
+//     array: XLA:CPU loops over 16-bit elements with scalar code, and its fused
+//     loop over 100 rows reads 100 interleaved streams.
 //
 // The two distance kernels accumulate float32 lanes over one column block (at
 // most 8,192 and 32,768 columns) and the blocks in float64. Leading batch
