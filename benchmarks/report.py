@@ -20,10 +20,28 @@ ROOT = os.path.dirname(HERE)
 # Rules whose target is the read floor (within 1.5x): one pass over the input.
 FLOOR_RULES = ("mean", "median", "trimmed_mean", "mean_around_median", "sign_majority")
 
-# Passes over the input a rule cannot do without, where more than one: each of the
-# 3 Weiszfeld steps of ByzFL's geometric-median preset needs the previous step's
-# point before it can read a row.
-MIN_READS = {"geometric_median": 3}
+# Passes over the input a rule cannot do without, where more than one: centered
+# clipping (one iteration) needs every row's distance to the centre before its
+# weight, then the weighted sum; ByzFL's geometric-median preset needs the rows'
+# norms before the first step's weights, then each of its 3 steps one pass (its
+# sum, with the next step's distances).
+MIN_READS = {"centered_clipping": 2, "geometric_median": 4}
+
+# 8-lane multiply-adds per second on both cores of the benchmark machine (a C loop
+# of independent AVX2 FMAs, docs/performance.md). The geometric median can also
+# take its steps from the pairwise distances (|x_i - z|^2 = (D w)_i - w'Dw / 2 for
+# z = sum_j w_j x_j, sum w = 1): n(n - 1)/2 d multiply-adds, then one read for the
+# last sum.
+FMA_PER_S = 9.1e9
+
+
+def min_reads(r: dict) -> float:
+    """Reads of the input, or their equivalent in multiply-adds, the rule needs."""
+    reads = MIN_READS.get(r["name"], 1)
+    if r["name"] == "geometric_median" and r.get("floor_s"):
+        fma_s = r["n"] * (r["n"] - 1) / 2 * r["d"] / 8 / FMA_PER_S
+        reads = min(reads, max(1.0, fma_s / r["floor_s"]) + 1)
+    return reads
 
 
 # Files whose latest line is kept per malloc setting too: the ByzFL comparison is
@@ -185,11 +203,11 @@ def targets(agg, byzfl, train) -> list[str]:
         if r.get("kind") == "train" or "ratio" not in r:
             continue
         # Where ByzFL takes less than 10x the passes over the input that the rule
-        # cannot do without (`MIN_READS`, one by default), 10x faster than ByzFL
+        # cannot do without (`min_reads`, one by default), 10x faster than ByzFL
         # would beat that many reads: the target is then bounded by the floor, and
         # the detail says how far from the floor byzjax is.
         floor = r.get("floor_s")
-        reads = MIN_READS.get(r["name"], 1)
+        reads = min_reads(r)
         bound = floor is not None and r["byzfl_s"] < 10 * reads * floor
         if r["ratio"] >= 10:
             verdict, note = "yes", ""
@@ -197,7 +215,7 @@ def targets(agg, byzfl, train) -> list[str]:
             verdict = "bound"
             note = (
                 f" (ByzFL takes {r['byzfl_s'] / floor:.1f} reads of the input, the "
-                f"rule needs {reads}; byzjax {r['byzjax_s'] / floor:.1f})"
+                f"rule needs {reads:.3g}; byzjax {r['byzjax_s'] / floor:.1f})"
             )
         else:
             verdict, note = "no", ""
@@ -253,11 +271,14 @@ def render() -> str:
         "",
         "Which targets of the performance issue hold, and why the others do not: "
         "[performance.md](performance.md). `bound`: ByzFL takes fewer than 10 times "
-        "the reads of the input the rule needs (one; three for the geometric "
-        "median's three steps), so 10x faster than ByzFL would be faster than "
-        "reading the input that often. `malloc`: the glibc settings both libraries "
-        "ran under (a ByzFL child inherits them): `tuned` is what the byzjax "
-        "command and benchmark scripts restart with (byzjax/_allocator.py), "
+        "the reads of the input the rule needs (one; two for centered clipping, "
+        "four for the geometric median's three steps, or two where the "
+        "multiply-adds of its pairwise route take less than a read), so 10x faster "
+        "than ByzFL "
+        "would be faster than reading the input that often. `malloc`: the glibc "
+        "settings both libraries ran under (a ByzFL child inherits them): `tuned` "
+        "is what the byzjax command and benchmark scripts restart with "
+        "(byzjax/_allocator.py), "
         "`glibc default` the plain environment.",
         "",
     ]
