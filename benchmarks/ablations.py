@@ -100,8 +100,20 @@ def pairs(n: int, f: int):
     ] + (native_pairs(f) if _native.enabled() else [])
 
 
+def _step_weights(x, v):
+    # Weights from an argument (a closed-over array would be constant-folded).
+    return jnp.abs(v[: len(x)]) / len(x)
+
+
+def _step_plain(x, v):
+    # The previous form: the moved centre by a product, then a distance pass.
+    w = _step_weights(x, v)
+    z = v * (1.0 - w.sum()) + jnp.matmul(w, x, precision=HIGHEST)
+    return z, _native.row_sq_dists(x, z)
+
+
 def native_pairs(f: int):
-    """The two CPU kernels of byzjax/_native against their pure-XLA forms."""
+    """The CPU kernels of byzjax/_native against the forms they replace."""
     return [
         (
             "pairwise distances",
@@ -114,6 +126,18 @@ def native_pairs(f: int):
             lambda x, v: _native.row_sq_dists(x, v),
             lambda x, v: nm.reduce_row_sq_dists(x, v),
             "CPU kernel (v stays in cache) vs XLA's whole-array reduction",
+        ),
+        (
+            "mean of stored rows, kernel",
+            lambda x, v: _native.row_rule(x, _native.MEAN),
+            lambda x, v: nm.row_mean(x),
+            "CPU kernel (long runs per row) vs XLA's fused row additions",
+        ),
+        (
+            "reweighting step, kernel",
+            lambda x, v: _native.step_sq_dists(x, v, _step_weights(x, v)),
+            _step_plain,
+            "one read (the sum, then the distances from cache) vs product + distances",
         ),
     ]
 
