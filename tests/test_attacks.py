@@ -375,3 +375,25 @@ def test_poison_workers_only_touches_byzantine():
     np.testing.assert_array_equal(x2, x)
     want = np.where(np.asarray(mask)[:, None], 9 - np.asarray(y), np.asarray(y))
     np.testing.assert_array_equal(np.asarray(y2), want)
+
+
+def test_optimized_attacks_evaluate_the_rules_form_for_computed_rows():
+    # The candidate rows are built inside the attack, so the rule's
+    # `fused_update` runs (here the mean; its `update` would return zeros).
+    from byzjax.aggregators import Aggregator
+    from byzjax.attacks._optimized import aggregate_with
+
+    def zeros(x, state, params):
+        return jnp.zeros(x.shape[1], x.dtype), state
+
+    def mean(x, state, params):
+        return x.mean(0), state
+
+    rng = np.random.default_rng(5)
+    byz = jnp.asarray(rng.normal(size=(2, 7)), jnp.float32)
+    honest = jnp.asarray(rng.normal(size=(5, 7)), jnp.float32)
+    out = jax.jit(
+        lambda b, h: aggregate_with(Aggregator(lambda x: (), zeros, (), mean), b, h)
+    )(byz, honest)
+    want = np.concatenate([byz, honest]).astype(np.float64).mean(0)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-7)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byzjax import sim
+from byzjax import aggregators, sim
 from byzjax.sim import Config, ConfigError
 
 # A small, fast setting: 1,600 synthetic 20-d examples, a 20-100-10 MLP.
@@ -230,3 +230,27 @@ def test_sample_batches_stay_in_shard():
     assert set(np.asarray(y[0]).tolist()) <= {10, 11}
     assert set(np.asarray(y[1]).tolist()) <= set(range(5))
     assert x.shape == (2, 64, 1)
+
+
+def _probe_rule(f=0):
+    # `update` (stored rows) returns NaN, `fused_update` (computed rows) the mean:
+    # the step's rows are computed, so the step must run the latter.
+    def update(x, state, params):
+        return jnp.full(x.shape[1], jnp.nan, x.dtype), state
+
+    def fused(x, state, params):
+        return x.mean(0), state
+
+    return aggregators.Aggregator(lambda x: (), update, (), fused)
+
+
+@pytest.mark.parametrize("influence", [False, True])
+def test_step_runs_the_rules_fused_update(influence):
+    if "fused_probe" not in aggregators.names():
+        aggregators.register("fused_probe", _probe_rule)
+    cfg = small(aggregator="fused_probe", attack="ipm", influence=influence)
+    _, _, aux = inspect_first_step(cfg)
+    assert np.isfinite(aux["aggregate"]).all()
+    np.testing.assert_allclose(
+        aux["aggregate"], aux["rows"].mean(0), rtol=1e-5, atol=1e-8
+    )

@@ -90,9 +90,11 @@ def aggregate_with(agg: Aggregator, byz: jax.Array, honest: jax.Array) -> jax.Ar
     f = byz.shape[0]
     byz = byz.astype(honest.dtype)
     # Row by row (`stack_rows`): a rule that reads rows fuses the candidate's rows
-    # instead of reading an (n, d) concatenated copy.
+    # instead of reading an (n, d) concatenated copy (its `fused_update` where it
+    # has one: the form for computed rows).
     x = stack_rows(lambda i: byz[i] if i < f else honest[i - f], f + honest.shape[0])
-    return agg.update(x, agg.init(x), agg.default_params)[0].astype(honest.dtype)
+    update = agg.fused_update or agg.update
+    return update(x, agg.init(x), agg.default_params)[0].astype(honest.dtype)
 
 
 def inner_with_mean(g: jax.Array, agg_out: jax.Array) -> jax.Array:

@@ -325,6 +325,10 @@ def build(
         pre=[(p, config.pre_params.get(p, {})) for p in config.pre],
         **config.aggregator_params,
     )
+    # The rows are computed in the step (honest gradients and attack rows stacked,
+    # then placed): the rule's form for computed rows reads them in that fused
+    # computation rather than from a written-out copy.
+    agg_update = agg.fused_update or agg.update
     if attacks_ is None:
         specs = [resolve_attack(config.attack, config.attack_params)]
         switched = False
@@ -359,7 +363,7 @@ def build(
         # something; the VJP through a sorting network (median) tripled its compile
         # time and cost 90 % of the step, so other rules opt in.
         influence = config.aggregator in SELECTION_RULES
-    influence = influence and _influence_traces(agg, n, d, agg_split)
+    influence = influence and _influence_traces(agg, agg_update, n, d, agg_split)
     trace_count = [0]
 
     def init(key) -> TrainState:
@@ -441,11 +445,11 @@ def build(
         agg_params = agg_split.rebuild(hp["aggregator"])
         if influence:
             aggregate, agg_state, weights = diagnostics.aggregate_with_influence(
-                agg.update, rows, state.agg_state, agg_params
+                agg_update, rows, state.agg_state, agg_params
             )
             infl = diagnostics.influence_metrics(weights, byz_mask)
         else:
-            aggregate, agg_state = agg.update(rows, state.agg_state, agg_params)
+            aggregate, agg_state = agg_update(rows, state.agg_state, agg_params)
             nan = jnp.float32(jnp.nan)
             infl = {"byz_weight": nan, "byz_selected": nan, "n_selected": nan}
 
@@ -510,13 +514,16 @@ def build(
 SELECTION_RULES = ("krum", "multi_krum", "bulyan", "mda")
 
 
-def _influence_traces(agg: aggregators.Aggregator, n: int, d: int, split) -> bool:
-    """Whether the rule can be differentiated (reverse mode) for the influence."""
+def _influence_traces(
+    agg: aggregators.Aggregator, update, n: int, d: int, split
+) -> bool:
+    """Whether `update` (agg's, for the step's rows) can be differentiated (reverse
+    mode) for the influence."""
     x = jax.ShapeDtypeStruct((n, d), jnp.float32)
     try:
         jax.eval_shape(
             lambda x: diagnostics.aggregate_with_influence(
-                agg.update, x, agg.init(x), split.rebuild(split.dynamic)
+                update, x, agg.init(x), split.rebuild(split.dynamic)
             ),
             x,
         )
