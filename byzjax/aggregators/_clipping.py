@@ -115,9 +115,8 @@ def centered_clipping(
             # Each iteration in one read of x (`step_sq_dists`: the centre moved
             # by sum_i (s_i / n)(x_i - v), then the distances to it from cache),
             # after one distance pass: L + 1 reads instead of 2L. L = 3, paired:
-            # (25, 1e6) 32.3 -> 27.1 ms, (100, 1e6) 114.7 -> 90.9 ms. For L = 1 the
-            # two reads below are as few, and the product is the faster second
-            # (10.3 against 12.3 ms at (25, 1e6)).
+            # (25, 1e6) 27.9 -> 24.4 ms, (100, 1e6) 92.0 -> 68.1 ms. For L = 1 the
+            # two reads below are as few.
             def kernel_step(v, sq, distances=True):
                 v, sq = _native.step_sq_dists(x, v, factors(sq)[0] / n, distances)
                 return v, nan_to_posinf(sq)

@@ -126,8 +126,8 @@ def geometric_median(
             # rows' distances to it from cache, exact (no centre, no
             # cancellation), where the products below read x twice; T steps take
             # T + 1 reads. Paired at (100, 1e6): ByzFL's preset (zero start,
-            # T = 3) 111 -> 80 ms, the byzjax preset (median start, T = 8) 410 ->
-            # 325 ms; at (25, 1e6) 32.7 -> 28.7 and 84.3 -> 66.1 ms.
+            # T = 3) 97 -> 75 ms, the byzjax preset (median start, T = 8) 275 ->
+            # 220 ms; at (25, 1e6) 30.6 -> 23.8 and 94 -> 70 ms.
             def kernel_step(z, sq, distances=True):
                 beta, total = weights(sq, jnp.isfinite(sq))
                 w = jnp.where(total > 0, beta / total, 0.0)  # 0: z stays
