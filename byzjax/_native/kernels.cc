@@ -296,6 +296,21 @@ void row_range(const float* x, const float* v, int64_t n, int64_t d, int64_t lo,
   }
 }
 
+// Per-row sums over a column split: body(t, lo, hi, acc) adds thread t's columns
+// [lo, hi) into its float64 sums acc[0..n); out[i] gets the threads' total.
+template <typename Body>
+void row_sums(int64_t n, int64_t d, int threads, float* out, Body body) {
+  std::vector<std::vector<double>> acc(threads, std::vector<double>(n, 0.0));
+  split_columns(d, threads, [&](int t, int64_t lo, int64_t hi) {
+    body(t, lo, hi, acc[t].data());
+  });
+  for (int64_t i = 0; i < n; ++i) {
+    double s = 0.0;
+    for (auto& a : acc) s += a[i];
+    out[i] = static_cast<float>(s);
+  }
+}
+
 ffi::Error RowSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> v,
                           ffi::ResultBuffer<ffi::F32> out) {
   auto dims = x.dimensions();
@@ -308,20 +323,13 @@ ffi::Error RowSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> v,
   }
   const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
   const int threads = thread_count(static_cast<double>(n) * d);
-  std::vector<std::vector<double>> acc(threads, std::vector<double>(n));
   for (int64_t b = 0; b < batch; ++b) {
     const float* xb = x.typed_data() + b * n * d;
     const float* vb = v.typed_data() + b * d;
-    for (auto& a : acc) std::fill(a.begin(), a.end(), 0.0);
-    split_columns(d, threads, [&](int t, int64_t lo, int64_t hi) {
-      row_range(xb, vb, n, d, lo, hi, acc[t].data());
-    });
-    float* ob = out->typed_data() + b * n;
-    for (int64_t i = 0; i < n; ++i) {
-      double s = 0.0;
-      for (auto& a : acc) s += a[i];
-      ob[i] = static_cast<float>(s);
-    }
+    row_sums(n, d, threads, out->typed_data() + b * n,
+             [&](int, int64_t lo, int64_t hi, double* acc) {
+               row_range(xb, vb, n, d, lo, hi, acc);
+             });
   }
   return ffi::Error::Success();
 }
@@ -400,7 +408,6 @@ ffi::Error StepSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> z,
   }
   const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
   const int threads = thread_count(static_cast<double>(n) * d);
-  std::vector<std::vector<double>> acc(threads, std::vector<double>(n));
   for (int64_t b = 0; b < batch; ++b) {
     const float* xb = x.typed_data() + b * n * d;
     const float* zb = z.typed_data() + b * d;
@@ -412,17 +419,11 @@ ffi::Error StepSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> z,
       wsum += wb[i];
     }
     const float keep = static_cast<float>(1.0 - wsum);
-    for (auto& a : acc) std::fill(a.begin(), a.end(), 0.0);
-    split_columns(d, threads, [&](int t, int64_t lo, int64_t hi) {
-      step_range(xb, zb, wb, keep, active, n, d, lo, hi, distances != 0,
-                 zout->typed_data() + b * d, acc[t].data());
-    });
-    float* ob = out->typed_data() + b * n;
-    for (int64_t i = 0; i < n; ++i) {
-      double s = 0.0;
-      for (auto& a : acc) s += a[i];
-      ob[i] = static_cast<float>(s);
-    }
+    row_sums(n, d, threads, out->typed_data() + b * n,
+             [&](int, int64_t lo, int64_t hi, double* acc) {
+               step_range(xb, zb, wb, keep, active, n, d, lo, hi, distances != 0,
+                          zout->typed_data() + b * d, acc);
+             });
   }
   return ffi::Error::Success();
 }

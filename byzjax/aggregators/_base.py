@@ -42,6 +42,12 @@ class Aggregator(NamedTuple):
     default_params: Params = ()
     fused_update: Update | None = None
 
+    @property
+    def computed_update(self) -> Update:
+        """The update for rows computed in the same program: `fused_update` where
+        the rule has one, else `update`."""
+        return self.fused_update or self.update
+
 
 class PreAggregator(NamedTuple):
     """A pre-aggregator: (n, d) -> (n', d), applied before a rule.

@@ -25,7 +25,6 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
     pres = tuple(pres)
     if not pres:
         return rule
-    rule_update = rule.fused_update or rule.update
 
     def init(grads):
         states = []
@@ -42,7 +41,7 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
         for pre, s, p in zip(pres, pre_states, params["pre"], strict=True):
             x, s = pre.update(x, s, p)
             new_states.append(s)
-        out, rule_state = rule_update(x, rule_state, params["rule"])
+        out, rule_state = rule.computed_update(x, rule_state, params["rule"])
         return out, (tuple(new_states), rule_state)
 
     default_params = {

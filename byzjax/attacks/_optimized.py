@@ -93,8 +93,8 @@ def aggregate_with(agg: Aggregator, byz: jax.Array, honest: jax.Array) -> jax.Ar
     # instead of reading an (n, d) concatenated copy (its `fused_update` where it
     # has one: the form for computed rows).
     x = stack_rows(lambda i: byz[i] if i < f else honest[i - f], f + honest.shape[0])
-    update = agg.fused_update or agg.update
-    return update(x, agg.init(x), agg.default_params)[0].astype(honest.dtype)
+    out = agg.computed_update(x, agg.init(x), agg.default_params)[0]
+    return out.astype(honest.dtype)
 
 
 def inner_with_mean(g: jax.Array, agg_out: jax.Array) -> jax.Array:

@@ -328,7 +328,7 @@ def build(
     # The rows are computed in the step (honest gradients and attack rows stacked,
     # then placed): the rule's form for computed rows reads them in that fused
     # computation rather than from a written-out copy.
-    agg_update = agg.fused_update or agg.update
+    agg_update = agg.computed_update
     if attacks_ is None:
         specs = [resolve_attack(config.attack, config.attack_params)]
         switched = False
