@@ -245,9 +245,9 @@ def _probe_rule(f=0):
 
 
 @pytest.mark.parametrize("influence", [False, True])
-def test_step_runs_the_rules_fused_update(influence):
-    if "fused_probe" not in aggregators.names():
-        aggregators.register("fused_probe", _probe_rule)
+def test_step_runs_the_rules_fused_update(influence, monkeypatch):
+    # Registered for this test only: the registry-driven tests see the real rules.
+    monkeypatch.setitem(aggregators._RULES, "fused_probe", _probe_rule)
     cfg = small(aggregator="fused_probe", attack="ipm", influence=influence)
     _, _, aux = inspect_first_step(cfg)
     assert np.isfinite(aux["aggregate"]).all()
