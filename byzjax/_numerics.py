@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from byzjax import _native
+from byzjax._rows import compute_dtype, promoted_rows, promoted_take
 from byzjax._sorting import (
     FULL_NETWORK_MAX_N,
     SELECT_MAX_N,
@@ -25,10 +26,20 @@ from byzjax._sorting import (
 
 HIGHEST = lax.Precision.HIGHEST
 
+# Dtypes of x that the CPU distance kernels read as they are (a bfloat16 row is
+# widened as it is loaded, so no float32 copy of x is written).
+_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 
-def compute_dtype(dtype) -> jnp.dtype:
-    """Dtype in which a rule computes: float32 at least (bfloat16 sums lose digits)."""
-    return jnp.promote_types(dtype, jnp.float32)
+
+def kernel_rows(x: jax.Array) -> bool:
+    """Whether the CPU distance kernels take x (float32 or bfloat16) as it is."""
+    return bool(x.size) and _native.usable(x, dtypes=_KERNEL_DTYPES)
+
+
+def promote(x: jax.Array) -> jax.Array:
+    """x in `compute_dtype`: a whole-array copy for a bfloat16 x. Rules call it
+    only on the paths that cannot read bfloat16 rows directly."""
+    return x.astype(compute_dtype(x.dtype))
 
 
 def nan_to_posinf(x: jax.Array) -> jax.Array:
@@ -53,9 +64,10 @@ def map_rows_sum(fn, x: jax.Array) -> jax.Array:
     Apply elementwise work row by row through this rather than to the whole array
     before `row_sum`: XLA:CPU materialises a whole-array temporary that is then
     sliced into rows (sign votes over (25, 1e6) took 100 ms that way, against a read
-    floor of 7 ms).
+    floor of 7 ms). The rows are promoted to `compute_dtype` first.
     """
-    return sum_rows(lambda i: fn(x[i]), x.shape[0])
+    rows = promoted_rows(x)
+    return sum_rows(lambda i: fn(rows[i]), x.shape[0])
 
 
 def sum_rows(row, n: int) -> jax.Array:
@@ -86,14 +98,18 @@ def stack_rows(row, n: int) -> jax.Array:
 
 
 def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x[idx] for a static number of traced row indices, built row by row.
+    """x[idx] in `compute_dtype`, for a static number of traced row indices, built
+    row by row.
 
     Consumers that read rows (sorting networks, `sum_rows`) fuse the dynamic row
     reads instead of a (k, d) gathered copy.
     """
-    return stack_rows(
-        lambda j: lax.dynamic_index_in_dim(x, idx[j], keepdims=False), idx.shape[0]
+    rows = promoted_take(
+        x,
+        lambda group, j: lax.dynamic_index_in_dim(group, idx[j], keepdims=False),
+        idx.shape[0],
     )
+    return jnp.stack(rows)
 
 
 def weighted_row_sum(w: jax.Array, x: jax.Array, keep: jax.Array) -> jax.Array:
@@ -109,8 +125,17 @@ def weighted_row_sum(w: jax.Array, x: jax.Array, keep: jax.Array) -> jax.Array:
         return jnp.matmul(w, x, precision=HIGHEST)
 
     def rows():
-        return sum_rows(lambda i: jnp.where(keep[i], w[i] * x[i], 0.0), x.shape[0])
+        x_rows = promoted_rows(x)
+        return sum_rows(lambda i: jnp.where(keep[i], w[i] * x_rows[i], 0.0), x.shape[0])
 
+    if x.dtype != compute_dtype(x.dtype):
+        # A product would read a float32 copy of a bfloat16 x: the step kernel
+        # (a row of weight 0 is skipped) or the fused row additions instead.
+        if kernel_rows(x):
+            w = jnp.where(keep, w, 0.0).astype(jnp.float32)
+            zero = jnp.zeros(x.shape[1], jnp.float32)
+            return _native.step_sq_dists(x, zero, w, False)[0]
+        return rows()
     return lax.cond(jnp.all(keep), product, rows)
 
 
@@ -128,7 +153,7 @@ def dot_mean(x: jax.Array) -> jax.Array:
     that way, 86 ms through the product). A dot is never fused into its consumers.
     Use `row_mean` where the rows are themselves computed (it fuses with them).
     """
-    x = x.astype(compute_dtype(x.dtype))
+    x = promote(x)
     ones = jnp.full(x.shape[0], 1.0 / x.shape[0], x.dtype)
     return jnp.matmul(ones, x, precision=HIGHEST)
 
@@ -140,7 +165,7 @@ def sort_workers(x: jax.Array) -> jax.Array:
 
 def sq_norms(x: jax.Array) -> jax.Array:
     """Squared Euclidean norms of the rows of an (n, d) array; non-finite -> +Inf."""
-    x = x.astype(compute_dtype(x.dtype))
+    x = promote(x)
     return nan_to_posinf(jnp.einsum("nd,nd->n", x, x, precision=HIGHEST))
 
 
@@ -169,15 +194,14 @@ def pairwise_sq_dists(x: jax.Array, center: jax.Array | None = None) -> jax.Arra
     Returns:
       (n, n) float32 (or wider) array of squared distances.
     """
-    x = x.astype(compute_dtype(x.dtype))
-    if x.size and _native.usable(x):
+    if kernel_rows(x):
         return nan_to_posinf(_native.pairwise_sq_dists(x))
     return gram_sq_dists(x, center)
 
 
 def gram_sq_dists(x: jax.Array, center: jax.Array | None = None) -> jax.Array:
     """The Gram-matrix form of `pairwise_sq_dists` (pure XLA, every backend)."""
-    x = x.astype(compute_dtype(x.dtype))
+    x = promote(x)
     if center is None:
         center = jnp.zeros(x.shape[1], x.dtype)
     gram = centered_gram(x, center.astype(x.dtype))
@@ -195,9 +219,9 @@ def row_sq_dists(x: jax.Array, v: jax.Array) -> jax.Array:
     `_native` kernel instead, since XLA re-reads v for every row (at (100, 1e6)
     60-85 ms, the kernel 25-35 ms, one read of x taking 17 ms).
     """
-    if x.size and _native.usable(x, v):
+    if kernel_rows(x) and v.dtype == jnp.float32:
         return nan_to_posinf(_native.row_sq_dists(x, v))
-    return reduce_row_sq_dists(x, v)
+    return reduce_row_sq_dists(promote(x), v)
 
 
 def reduce_row_sq_dists(x: jax.Array, v: jax.Array) -> jax.Array:
@@ -275,7 +299,7 @@ def coordinate_trimmed_mean(x: jax.Array, b: int) -> jax.Array:
         return sum_rows(lambda i: ranked[b + i], n - 2 * b) / (n - 2 * b)
     lo, hi = order_statistics(x, [b, n - b - 1])
     # Row by row, for the reason given in `order_statistics`.
-    clipped = [jnp.clip(nan_to_posinf(x[i]), lo, hi) for i in range(n)]
+    clipped = [jnp.clip(nan_to_posinf(r), lo, hi) for r in promoted_rows(x)]
     return (row_sum(jnp.stack(clipped)) - b * (lo + hi)) / (n - 2 * b)
 
 
@@ -301,25 +325,26 @@ def coordinate_mean_around(x: jax.Array, center: jax.Array, k: int) -> jax.Array
       (d,) array.
     """
     n = x.shape[0]
-    dev = _deviations(x, center)
+    rows = promoted_rows(x)
+    dev = _deviations(rows, center)
     (delta,) = order_statistics(jnp.stack(dev), [k - 1], n <= SELECT_MAX_N)
-    return _mean_within(x, dev, delta, k)
+    return _mean_within(rows, dev, delta, k)
 
 
-def _deviations(x: jax.Array, center: jax.Array) -> list[jax.Array]:
+def _deviations(rows: list[jax.Array], center: jax.Array) -> list[jax.Array]:
     # Row by row, for the reason given in `order_statistics`.
-    return [nan_to_posinf(jnp.abs(x[i] - center)) for i in range(x.shape[0])]
+    return [nan_to_posinf(jnp.abs(r - center)) for r in rows]
 
 
-def _mean_within(x: jax.Array, dev: list[jax.Array], delta: jax.Array, k: int):
+def _mean_within(rows: list[jax.Array], dev: list[jax.Array], delta: jax.Array, k: int):
     """Mean of the k entries with the smallest deviations, delta the k-th of them:
     every entry closer than delta, then those at exactly delta in worker order
     (SPEC T0) until k are taken. One fused pass over the rows."""
-    room = k - sum((dev[i] < delta).astype(jnp.int32) for i in range(x.shape[0]))
+    room = k - sum((d < delta).astype(jnp.int32) for d in dev)
     total = jnp.zeros_like(delta)
-    for i in range(x.shape[0]):
-        tie = (dev[i] == delta) & (room > 0)
-        total = total + jnp.where((dev[i] < delta) | tie, x[i], 0.0)
+    for r, d in zip(rows, dev, strict=True):
+        tie = (d == delta) & (room > 0)
+        total = total + jnp.where((d < delta) | tie, r, 0.0)
         room = room - tie.astype(jnp.int32)
     return total / k
 
@@ -345,6 +370,10 @@ def coordinate_mean_around_median(x: jax.Array, k: int) -> jax.Array:
     """
     n = x.shape[0]
     if n > FULL_NETWORK_MAX_N:
+        # A bfloat16 input is promoted whole here, the one rule that still copies
+        # it: with rows converted in the fused loops, XLA:CPU took 4 min 15 s to
+        # compile (100, 1e6) (the median network, then the deviations' network).
+        x = promote(x)
         return coordinate_mean_around(x, coordinate_median(x), k)
     r = ranked_rows(x)
     m = r[n // 2] if n % 2 else 0.5 * (r[n // 2 - 1] + r[n // 2])
@@ -354,7 +383,8 @@ def coordinate_mean_around_median(x: jax.Array, k: int) -> jax.Array:
     lo = sum_rows(lambda j: jnp.where(start == j, r[j], 0.0), n - k + 1)
     hi = sum_rows(lambda j: jnp.where(start == j, r[j + k - 1], 0.0), n - k + 1)
     delta = jnp.maximum(m - lo, hi - m)
-    out = _mean_within(x, _deviations(x, m), delta, k)
+    rows = promoted_rows(x)
+    out = _mean_within(rows, _deviations(rows, m), delta, k)
     # One consumer of the network (a second one would fuse its own copy of it).
     out = jnp.where(jnp.isfinite(m), out, jnp.nan)
     return lax.cond(

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from byzjax._rows import compute_dtype, promoted_rows
+
 # Largest n sorted by a network: at n = 100 the median network compiled in 1.5 s.
 NETWORK_MAX_N = 128
 # Above this n a network is used only for a few order statistics: a full sort of 100
@@ -103,11 +105,13 @@ def order_statistics(
       One (d,) array per rank, in the order of `ks`.
     """
     n = x.shape[0]
+    # Promoted rows are computed rows too (see `select`).
+    select = select and (n <= SELECT_MAX_N or x.dtype == compute_dtype(x.dtype))
     few = n <= FULL_NETWORK_MAX_N or (n <= NETWORK_MAX_N and len(ks) <= 4)
     if few and x.shape[1] > SORT_MAX_D:
-        ranked = _network([_nan_to_posinf(x[i]) for i in range(n)], select)
+        ranked = _network([_nan_to_posinf(r) for r in promoted_rows(x)], select)
     else:
-        ranked = jnp.sort(_nan_to_posinf(x), axis=0)
+        ranked = jnp.sort(_nan_to_posinf(x.astype(compute_dtype(x.dtype))), axis=0)
     return list(lax.optimization_barrier(tuple(ranked[k] for k in ks)))
 
 
@@ -120,7 +124,7 @@ def ranked_rows(x: jax.Array) -> list[jax.Array]:
     """
     if x.shape[0] > FULL_NETWORK_MAX_N:
         raise ValueError(f"ranked_rows: n = {x.shape[0]} > {FULL_NETWORK_MAX_N}")
-    return _network([_nan_to_posinf(x[i]) for i in range(x.shape[0])], True)
+    return _network([_nan_to_posinf(r) for r in promoted_rows(x)], True)
 
 
 def sort_rows(x: jax.Array) -> jax.Array:

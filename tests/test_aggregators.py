@@ -149,7 +149,19 @@ def test_nnm_matches_oracle_without_the_cpu_kernels(monkeypatch):
 BF16_RULES = sorted({name for name, _, _ in RULE_CASES})
 BF16_PARAMS = {"centered_clipping": {"tau": 1.0}}
 # Rules that read a bfloat16 input through byzjax/_native on the CPU.
-BF16_KERNEL_RULES = ["mean", "sign_majority"]
+BF16_KERNEL_RULES = [
+    "bulyan",
+    "centered_clipping",
+    "geometric_median",
+    "krum",
+    "mda",
+    "mean",
+    "multi_krum",
+    "sign_majority",
+]
+# More than 15 rows: bfloat16 rows are converted in groups of 15 (byzjax/_rows.py);
+# more than 32: the networks' other forms.
+BF16_WIDE = [(25, 5, 37), (40, 2, 19)]
 
 
 @pytest.mark.parametrize("name", BF16_KERNEL_RULES)
@@ -157,16 +169,17 @@ def test_bfloat16_rules_match_oracle_without_the_cpu_kernels(name, monkeypatch):
     monkeypatch.setenv("BYZJAX_NATIVE", "0")
     n, f, d = CONFIGS[2]
     x, x64 = make_inputs(_seed(name, "bf16", "xla"), n, f, d, jnp.bfloat16)
-    out = _run_rule(name, f, {})(x)
+    params = BF16_PARAMS.get(name, {})
+    out = _run_rule(name, f, params)(x)
     np.testing.assert_allclose(
         np.asarray(out, np.float64),
-        reference.RULES[name](x64, f),
+        reference.RULES[name](x64, f, **params),
         rtol=BF16_TOL,
         atol=BF16_TOL,
     )
 
 
-@pytest.mark.parametrize("n,f,d", CONFIGS[::2])
+@pytest.mark.parametrize("n,f,d", CONFIGS[::2] + BF16_WIDE)
 @pytest.mark.parametrize("name", BF16_RULES)
 def test_rule_matches_oracle_bfloat16(name, n, f, d):
     params = BF16_PARAMS.get(name, {})

@@ -2,8 +2,10 @@
 
 Shapes cover every register-tile remainder (n - 1 mod 3), column tails
 (d mod 8), several column blocks and the multi-threaded split; Byzantine rows hold
-NaN, +-Inf and 1e38. The pure-XLA forms the rules fall back to are tested on the
-same oracle in test_numerics.py and test_aggregators.py (BYZJAX_NATIVE=0).
+NaN, +-Inf and 1e38. The distance kernels also read bfloat16 rows, checked against
+the same oracle on the bfloat16 values widened exactly. The pure-XLA forms the
+rules fall back to are tested on the same oracle in test_numerics.py and
+test_aggregators.py (BYZJAX_NATIVE=0).
 """
 
 import subprocess
@@ -29,12 +31,38 @@ def test_kernels_build_and_load():
 BAD = [np.nan, np.inf, -np.inf, 1e38]
 
 
-def _inputs(seed, n, d, bad=0):
+# x of the distance kernels: float32, or bfloat16 read without a float32 copy.
+X_DTYPES = pytest.mark.parametrize(
+    "dtype", [np.float32, jnp.bfloat16], ids=["float32", "bfloat16"]
+)
+
+
+def _inputs(seed, n, d, bad=0, dtype=np.float32):
+    # x rounded to `dtype` (bfloat16: 1e38 becomes 9.97e37); v stays float32.
     rng = np.random.default_rng(seed)
     x = (rng.normal(size=(n, d)) + rng.normal(size=d)).astype(np.float32)
     for r in range(bad):
         x[r] = BAD[r % len(BAD)]
-    return x[rng.permutation(n)], rng.normal(size=d).astype(np.float32)
+    return x[rng.permutation(n)].astype(dtype), rng.normal(size=d).astype(np.float32)
+
+
+def _wide(x):
+    """float64 of x's values, exactly (a bfloat16 widens to float32 exactly)."""
+    return np.asarray(x, np.float32).astype(np.float64)
+
+
+def _kernel_or_rule(rule, kernel, dtype):
+    # float32 through the rule's routine (NaN -> +Inf there); bfloat16 through the
+    # kernel itself, which `usable` does not offer it by default.
+    if dtype == np.float32:
+        return _jit(rule)
+
+    def call(*args):
+        out = np.asarray(_jit(kernel)(*args))
+        assert out.dtype == np.float32
+        return np.where(np.isnan(out), np.inf, out)
+
+    return call
 
 
 def _jit(fn):
@@ -57,41 +85,51 @@ def _want_pairwise(x):
     [(1, 5), (2, 1), (3, 8), (4, 9), (5, 17), (7, 100), (13, 2053), (25, 30001)],
 )
 @pytest.mark.parametrize("bad", [0, 3])
-def test_pairwise_kernel_matches_numpy(n, d, bad):
+@X_DTYPES
+def test_pairwise_kernel_matches_numpy(n, d, bad, dtype):
     # (25, 30001): two threads, several 8,192-column blocks, a 1-column tail.
-    x, _ = _inputs(n * d, n, d, min(bad, n - 1))
-    got = np.asarray(_jit(nm.pairwise_sq_dists)(x))
-    np.testing.assert_allclose(got, _want_pairwise(x), rtol=1e-5, atol=1e-5)
+    x, _ = _inputs(n * d, n, d, min(bad, n - 1), dtype)
+    pairwise = _kernel_or_rule(nm.pairwise_sq_dists, _native.pairwise_sq_dists, dtype)
+    got = np.asarray(pairwise(x))
+    np.testing.assert_allclose(got, _want_pairwise(_wide(x)), rtol=1e-5, atol=1e-5)
     assert np.array_equal(got, got.T)
 
 
-@pytest.mark.parametrize("n,d", [(1, 5), (3, 7), (12, 1000), (100, 20001)])
+@pytest.mark.parametrize(
+    "n,d", [(1, 5), (3, 7), (12, 1000), (100, 20001), (20, 400_003)]
+)
 @pytest.mark.parametrize("bad", [0, 4])
-def test_row_kernel_matches_numpy(n, d, bad):
-    x, v = _inputs(n + d, n, d, min(bad, n))
-    got = np.asarray(_jit(nm.row_sq_dists)(x, v))
+@X_DTYPES
+def test_row_kernel_matches_numpy(n, d, bad, dtype):
+    # (20, 400003): two threads, several 32,768-column blocks, a 3-column tail.
+    x, v = _inputs(n + d, n, d, min(bad, n), dtype)
+    rows = _kernel_or_rule(nm.row_sq_dists, _native.row_sq_dists, dtype)
+    got = np.asarray(rows(x, v))
     with np.errstate(invalid="ignore", over="ignore"):
-        want = ((x.astype(np.float64) - v) ** 2).sum(-1).astype(np.float32)
+        want = ((_wide(x) - v) ** 2).sum(-1).astype(np.float32)
     want = np.where(np.isnan(want), np.inf, want)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_kernels_vmap_over_leading_axes():
+@X_DTYPES
+def test_kernels_vmap_over_leading_axes(dtype):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 3, 6, 41)).astype(np.float32)
+    x = rng.normal(size=(2, 3, 6, 41)).astype(dtype)
     v = rng.normal(size=(2, 3, 41)).astype(np.float32)
+    x64 = _wide(x)
     pw = jax.jit(jax.vmap(jax.vmap(_native.pairwise_sq_dists)))(x)
     rs = jax.jit(jax.vmap(jax.vmap(_native.row_sq_dists)))(x, v)
+    assert pw.dtype == rs.dtype == jnp.float32
     # An unbatched v is broadcast to the batch (vmap_method="broadcast_all").
     shared = jax.vmap(_native.row_sq_dists, in_axes=(0, None))
     rs_shared = jax.jit(shared)(x[0], v[0, 0])
     for a in range(2):
         for b in range(3):
-            np.testing.assert_allclose(pw[a, b], _want_pairwise(x[a, b]), rtol=1e-5)
-            want = ((x[a, b].astype(np.float64) - v[a, b]) ** 2).sum(-1)
+            np.testing.assert_allclose(pw[a, b], _want_pairwise(x64[a, b]), rtol=1e-5)
+            want = ((x64[a, b] - v[a, b]) ** 2).sum(-1)
             np.testing.assert_allclose(rs[a, b], want, rtol=1e-5)
     for b in range(3):
-        want = ((x[0, b].astype(np.float64) - v[0, 0]) ** 2).sum(-1)
+        want = ((x64[0, b] - v[0, 0]) ** 2).sum(-1)
         np.testing.assert_allclose(rs_shared[b], want, rtol=1e-5)
 
 
@@ -231,19 +269,25 @@ def _want_step(x, z, w):
     return moved, sq
 
 
-@pytest.mark.parametrize("n,d", [(1, 5), (3, 7), (6, 9), (12, 1000), (100, 20001)])
+@pytest.mark.parametrize(
+    "n,d", [(1, 5), (3, 7), (6, 9), (12, 1000), (100, 20001), (20, 400_003)]
+)
 @pytest.mark.parametrize("bad", [0, 4])
-def test_step_kernel_matches_numpy(n, d, bad):
-    # (100, 20001): two threads, several column blocks, a 1-column tail; the
-    # weights of the NaN / Inf / 1e38 rows are 0 (the rules' usage), one more
-    # finite row gets weight 0 and the weights need not sum to 1.
-    x, z = _inputs(n * d + 1, n, d, min(bad, n))
+@X_DTYPES
+def test_step_kernel_matches_numpy(n, d, bad, dtype):
+    # (100, 20001): several column blocks, 4-row passes, a 1-column tail;
+    # (20, 400003): two threads. The weights of the NaN / Inf / 1e38 rows are 0
+    # (the rules' usage), one more finite row gets weight 0 and the weights need
+    # not sum to 1. z and w are float32 for a bfloat16 x too.
+    x, z = _inputs(n * d + 1, n, d, min(bad, n), dtype)
+    x64 = _wide(x)
     rng = np.random.default_rng(n + d)
     w = rng.uniform(0.0, 2.0 / n, size=n).astype(np.float32)
-    w[~np.isfinite(x).all(1) | (np.abs(x) > 1e30).any(1)] = 0.0
+    w[~np.isfinite(x64).all(1) | (np.abs(x64) > 1e30).any(1)] = 0.0
     w[n // 2] = 0.0
-    want_z, want_sq = _want_step(x, z, w)
+    want_z, want_sq = _want_step(x64, z, w)
     got_z, got_sq = _jit(_native.step_sq_dists)(x, z, w)
+    assert got_z.dtype == got_sq.dtype == jnp.float32
     np.testing.assert_allclose(got_z, want_z, rtol=1e-5, atol=1e-5)
     finite = np.isfinite(want_sq) & (want_sq < 1e38)
     np.testing.assert_allclose(np.asarray(got_sq)[finite], want_sq[finite], rtol=1e-5)
@@ -253,15 +297,16 @@ def test_step_kernel_matches_numpy(n, d, bad):
     assert not np.asarray(no_dist[1]).any()
 
 
-def test_step_kernel_zero_weights_keep_z_and_vmap():
+@X_DTYPES
+def test_step_kernel_zero_weights_keep_z_and_vmap(dtype):
     rng = np.random.default_rng(3)
-    x = rng.normal(size=(2, 5, 33)).astype(np.float32)
+    x = rng.normal(size=(2, 5, 33)).astype(dtype)
     z = rng.normal(size=(2, 33)).astype(np.float32)
     w = rng.uniform(size=(2, 5)).astype(np.float32)
     w[1] = 0.0
     got_z, got_sq = jax.jit(jax.vmap(_native.step_sq_dists))(x, z, w)
     for b in range(2):
-        want_z, want_sq = _want_step(x[b], z[b], w[b])
+        want_z, want_sq = _want_step(_wide(x[b]), z[b], w[b])
         np.testing.assert_allclose(got_z[b], want_z, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got_sq[b], want_sq, rtol=1e-5)
     np.testing.assert_array_equal(got_z[1], z[1])
@@ -292,3 +337,86 @@ def test_step_kernel_differentiates_like_its_formula():
     x[2] = np.nan  # its own distance is NaN; z' and its derivatives are not
     got = jax.grad(lambda *a: _native.step_sq_dists(*a)[0] @ cz, (0, 1, 2))(x, z, w)
     assert bool(jnp.all(jnp.isfinite(got[1]))) and bool(jnp.all(jnp.isfinite(got[2])))
+
+
+def _bf16_operands(seed, n, d):
+    # A bfloat16 x and tangent t; float32 (v, s), (z, dz) and (w, dw), w[2] = 0.
+    rng = np.random.default_rng(seed)
+    xb, tb = (jnp.asarray(rng.normal(size=(n, d)), jnp.bfloat16) for _ in range(2))
+    f32 = [rng.normal(size=d).astype(np.float32) for _ in range(4)]
+    w = rng.uniform(size=n).astype(np.float32)
+    w[2] = 0.0
+    return xb, tb, f32, w, rng.normal(size=n).astype(np.float32)
+
+
+def test_bfloat16_kernels_differentiate_like_float32_on_the_widened_input():
+    xb, tb, (v, s, z, dz), w, dw = _bf16_operands(7, 6, 21)
+    x32, t32 = xb.astype(jnp.float32), tb.astype(jnp.float32)
+    cases = [
+        (_native.pairwise_sq_dists, (), ()),
+        (_native.row_sq_dists, (v,), (s,)),
+        (_native.step_sq_dists, (z, w), (dz, dw)),
+        (lambda x, z, w: _native.step_sq_dists(x, z, w, False), (z, w), (dz, dw)),
+    ]
+    for fn, rest, drest in cases:
+
+        def jvp(x, t, f=fn, r=rest, dr=drest):
+            return jax.jvp(f, (x, *r), (t, *dr))
+
+        want = jvp(x32, t32)
+        got_leaves, want_leaves = (
+            jax.tree.leaves(jax.jit(jvp)(xb, tb)),
+            jax.tree.leaves(want),
+        )
+        assert len(got_leaves) == len(want_leaves) > 0
+        for a, b in zip(got_leaves, want_leaves, strict=True):
+            assert a.dtype == b.dtype == jnp.float32 and a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        # Reverse mode (the simulator's influence weights): a bfloat16 gradient,
+        # the float32 one rounded.
+        outs = jax.tree.leaves(want[0])
+        cot = [np.random.default_rng(8).normal(size=o.shape) for o in outs]
+
+        def loss(x, f=fn, r=rest, cot=cot):
+            outs = jax.tree.leaves(f(x, *r))
+            return sum((o * c).sum() for o, c in zip(outs, cot, strict=True))
+
+        gb, g32 = jax.grad(loss)(xb), jax.grad(loss)(x32)
+        assert gb.dtype == jnp.bfloat16
+        np.testing.assert_allclose(
+            np.asarray(gb, np.float64), g32, rtol=BF16_ULP, atol=1e-3
+        )
+
+
+def test_distance_kernels_want_float32_operands_besides_x():
+    xb, _, (v, _, z, _), w, _ = _bf16_operands(9, 6, 21)
+    with pytest.raises(TypeError, match="v must be float32"):
+        _native.row_sq_dists(xb, v.astype(jnp.bfloat16))
+    with pytest.raises(TypeError, match="z must be float32"):
+        _native.step_sq_dists(xb, z.astype(jnp.bfloat16), w)
+    with pytest.raises(TypeError, match="w must be float32"):
+        _native.step_sq_dists(xb, z, w.astype(jnp.bfloat16))
+    with pytest.raises(TypeError, match="x must be float32 or bfloat16"):
+        _native.pairwise_sq_dists(xb.astype(jnp.float16))
+
+
+def test_bfloat16_kernels_make_no_float32_copy():
+    # The point of reading bfloat16 rows: XLA would otherwise write a float32 x,
+    # twice the input. The same measure sees that copy when one is made.
+    n, d = 25, 100_000
+    x = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
+    size = n * d * 2
+
+    def temp_bytes(fn):
+        return jax.jit(fn).lower(x).compile().memory_analysis().temp_size_in_bytes
+
+    calls = {
+        "pairwise": _native.pairwise_sq_dists,
+        "row": lambda x: _native.row_sq_dists(x, jnp.zeros(d, jnp.float32)),
+        "step": lambda x: _native.step_sq_dists(
+            x, jnp.zeros(d, jnp.float32), jnp.full(n, 1.0 / n, jnp.float32)
+        ),
+    }
+    for name, fn in calls.items():
+        assert temp_bytes(fn) < size, name
+        assert temp_bytes(lambda x, f=fn: f(x.astype(jnp.float32))) >= 2 * size, name

@@ -15,9 +15,11 @@ asks for it (about 6 s) and cached under `$BYZJAX_CACHE_DIR` (default
 Without a compiler, or with `BYZJAX_NATIVE=0`, `enabled()` is False and the
 rules use their pure-XLA forms, which compute the same quantities (tested against
 the same float64 oracle). Only the CPU backend goes through the kernels: float32
-for the distances; `row_rule` (the mean and the sign majority of stored float32 or
-bfloat16 rows): XLA:CPU's loops over 16-bit elements are scalar, and its fused
-loops over many rows read them as interleaved streams.
+or bfloat16 rows for the distances (read as stored, widened to float32 as they are
+loaded, so a bfloat16 x needs no float32 copy; every other operand and the
+distances are float32); `row_rule` (the mean and the sign majority of stored
+float32 or bfloat16 rows): XLA:CPU's loops over 16-bit elements are scalar, and
+its fused loops over many rows read them as interleaved streams.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ _TARGETS = {
     "byzjax_pairwise_sq_dists": "ByzjaxPairwiseSqDists",
     "byzjax_row_sq_dists": "ByzjaxRowSqDists",
     "byzjax_step_sq_dists": "ByzjaxStepSqDists",
+    "byzjax_pairwise_sq_dists_bf16": "ByzjaxPairwiseSqDistsBf16",
+    "byzjax_row_sq_dists_bf16": "ByzjaxRowSqDistsBf16",
+    "byzjax_step_sq_dists_bf16": "ByzjaxStepSqDistsBf16",
     "byzjax_bf16_rows": "ByzjaxBf16Rows",
     "byzjax_f32_rows": "ByzjaxF32Rows",
 }
@@ -64,15 +69,32 @@ def usable(*arrays: jax.Array, dtypes=(jnp.float32,)) -> bool:
     )
 
 
+def _distance_target(name: str, x: jax.Array, **float32_operands) -> str:
+    """The kernel for x's dtype (float32, or bfloat16 read without a float32
+    copy); the other operands must be float32."""
+    _require()
+    for operand, value in float32_operands.items():
+        if jnp.result_type(value) != jnp.float32:
+            raise TypeError(
+                f"byzjax: {name}'s {operand} must be float32, got "
+                f"{jnp.result_type(value)}"
+            )
+    dtype = jnp.result_type(x)
+    if dtype == jnp.float32:
+        return f"byzjax_{name}"
+    if dtype == jnp.bfloat16:
+        return f"byzjax_{name}_bf16"
+    raise TypeError(f"byzjax: {name}'s x must be float32 or bfloat16, got {dtype}")
+
+
 @jax.custom_jvp
 def pairwise_sq_dists(x: jax.Array) -> jax.Array:
-    """D_ij = sum_k (x_ik - x_jk)^2 of a (..., n, d) float32 array; NaN/Inf flow."""
-    _require()
+    """D_ij = sum_k (x_ik - x_jk)^2 of a (..., n, d) float32 or bfloat16 array, in
+    float32; NaN/Inf flow."""
+    target = _distance_target("pairwise_sq_dists", x)
     n = x.shape[-2]
-    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), x.dtype)
-    call = jax.ffi.ffi_call(
-        "byzjax_pairwise_sq_dists", out, vmap_method="broadcast_all"
-    )
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32)
+    call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
     return call(x)
 
 
@@ -80,19 +102,23 @@ def pairwise_sq_dists(x: jax.Array) -> jax.Array:
 def _pairwise_jvp(primals, tangents):
     # dD_ij = 2 (x_i - x_j).(t_i - t_j) = 2 (P_ii + P_jj - P_ij - P_ji), P = x t^T:
     # linear in t, so reverse mode (the simulator's influence weights) works too.
+    # A bfloat16 x and its tangent are widened: the distances are float32.
     (x,), (t,) = primals, tangents
+    out = pairwise_sq_dists(x)
+    x, t = x.astype(jnp.float32), t.astype(jnp.float32)
     p = jnp.einsum("...id,...jd->...ij", x, t, precision=lax.Precision.HIGHEST)
     diag = jnp.diagonal(p, axis1=-2, axis2=-1)
     dd = 2.0 * (diag[..., :, None] + diag[..., None, :] - p - jnp.swapaxes(p, -1, -2))
-    return pairwise_sq_dists(x), dd
+    return out, dd
 
 
 @jax.custom_jvp
 def row_sq_dists(x: jax.Array, v: jax.Array) -> jax.Array:
-    """r_i = sum_k (x_ik - v_k)^2 of a (..., n, d) array and a (..., d) vector."""
-    _require()
-    out = jax.ShapeDtypeStruct(x.shape[:-1], x.dtype)
-    call = jax.ffi.ffi_call("byzjax_row_sq_dists", out, vmap_method="broadcast_all")
+    """r_i = sum_k (x_ik - v_k)^2 of a (..., n, d) float32 or bfloat16 array and a
+    (..., d) float32 vector, in float32."""
+    target = _distance_target("row_sq_dists", x, v=v)
+    out = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
+    call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
     return call(x, v)
 
 
@@ -100,30 +126,33 @@ def row_sq_dists(x: jax.Array, v: jax.Array) -> jax.Array:
 def _row_jvp(primals, tangents):
     # dr_i = 2 (x_i - v).(t_i - s), linear in the tangents (t, s).
     (x, v), (t, s) = primals, tangents
+    out = row_sq_dists(x, v)
+    x, t = x.astype(jnp.float32), t.astype(jnp.float32)
     diff = x - v[..., None, :]
     hi = lax.Precision.HIGHEST
     dr = jnp.einsum("...nd,...nd->...n", diff, t, precision=hi) - jnp.einsum(
         "...nd,...d->...n", diff, s, precision=hi
     )
-    return row_sq_dists(x, v), 2.0 * dr
+    return out, 2.0 * dr
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def step_sq_dists(
     x: jax.Array, z: jax.Array, w: jax.Array, distances: bool = True
 ) -> tuple[jax.Array, jax.Array]:
-    """One reweighting step in one read of a (..., n, d) float32 array.
+    """One reweighting step in one read of a (..., n, d) float32 or bfloat16 array.
 
     z' = z (1 - sum_i w_i) + sum_{i: w_i != 0} w_i x_i (a row of weight 0 adds
     nothing, even if it is not finite) and r_i = ||x_i - z'||^2 (zeros when not
-    `distances`). Returns (z', r).
+    `distances`). z (..., d) and w (..., n) are float32, and so are the results.
+    Returns (z', r).
     """
-    _require()
+    target = _distance_target("step_sq_dists", x, z=z, w=w)
     out = (
-        jax.ShapeDtypeStruct(z.shape, x.dtype),
-        jax.ShapeDtypeStruct(x.shape[:-1], x.dtype),
+        jax.ShapeDtypeStruct(z.shape, jnp.float32),
+        jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32),
     )
-    call = jax.ffi.ffi_call("byzjax_step_sq_dists", out, vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
     return tuple(call(x, z, w, distances=np.int32(distances)))
 
 
@@ -135,6 +164,7 @@ def _step_jvp(distances, primals, tangents):
     (x, z, w), (dx, dz, dw) = primals, tangents
     hi = lax.Precision.HIGHEST
     zn, r = step_sq_dists(x, z, w, distances)
+    x, dx = x.astype(jnp.float32), dx.astype(jnp.float32)
     on = (w != 0)[..., None]
     xs, dxs = jnp.where(on, x, 0.0), jnp.where(on, dx, 0.0)
     dzn = (

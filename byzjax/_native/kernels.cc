@@ -22,6 +22,8 @@
 // The two distance kernels accumulate float32 lanes over one column block (at
 // most 8,192 and 32,768 columns) and the blocks in float64. Leading batch
 // dimensions (from jax.vmap) are looped over.
+// The distance kernels' x may be bfloat16 (all else float32): its rows are
+// widened by a shift as they are loaded, so no float32 copy of x exists.
 // Non-finite input flows through IEEE arithmetic: a NaN or Inf row gives NaN or
 // Inf sums, which the Python side maps to +Inf.
 
@@ -52,6 +54,40 @@ inline v8 load8(const float* p) {
   v8 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+}
+
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+inline v8 load_bf16(const uint16_t* p) {
+#if defined(__AVX2__)
+  // One load-and-widen instruction; GCC splits the generic form below in two.
+  __m128i h;
+  std::memcpy(&h, p, sizeof(h));
+  return reinterpret_cast<v8>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+  u16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  v8 v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+#endif
+}
+
+// Eight elements of a row as float32: a bfloat16 (its raw bits) becomes a float32
+// by a shift of its bits.
+inline v8 load_row(const uint16_t* p) { return load_bf16(p); }
+inline v8 load_row(const float* p) { return load8(p); }
+
+// One element, for the column tails.
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {
+  const uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
 }
 
 inline double hsum(v8 v) {
@@ -149,13 +185,13 @@ inline void tile33_asm(const float* a0, const float* a1, const float* a2,
 
 // acc[i][j] += sum over columns [lo, hi) of (x_i - x_j)^2 for the R x C tile of
 // rows i0.. and j0..: R rows in registers, the C rows streamed.
-template <int R, int C>
-void tile(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
+template <typename T, int R, int C>
+void tile(const T* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
           int64_t lo, int64_t hi, double* acc) {
   v8 s[R][C] = {};
   int64_t k = lo;
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
-  if constexpr (R == 3 && C == 3) {
+  if constexpr (std::is_same_v<T, float> && R == 3 && C == 3) {  // bfloat16: below
     const int64_t len = (hi - lo) / 8 * 8;
     if (len > 0) {
       tile33_asm(x + i0 * d + lo, x + (i0 + 1) * d + lo, x + (i0 + 2) * d + lo,
@@ -167,9 +203,9 @@ void tile(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
 #endif
   for (; k + 8 <= hi; k += 8) {
     v8 a[R];
-    for (int r = 0; r < R; ++r) a[r] = load8(x + (i0 + r) * d + k);
+    for (int r = 0; r < R; ++r) a[r] = load_row(x + (i0 + r) * d + k);
     for (int c = 0; c < C; ++c) {
-      v8 b = load8(x + (j0 + c) * d + k);
+      v8 b = load_row(x + (j0 + c) * d + k);
       // Keeps b in a register: GCC otherwise folds its load into every
       // subtraction, loading it R times (the loop was load-bound).
 #if defined(__x86_64__)
@@ -185,7 +221,8 @@ void tile(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
     for (int c = 0; c < C; ++c) {
       double tail = 0.0;
       for (int64_t j = k; j < hi; ++j) {
-        double t = static_cast<double>(x[(i0 + r) * d + j]) - x[(j0 + c) * d + j];
+        double t = static_cast<double>(to_float(x[(i0 + r) * d + j])) -
+                   to_float(x[(j0 + c) * d + j]);
         tail += t * t;
       }
       acc[(i0 + r) * n + j0 + c] += hsum(s[r][c]) + tail;
@@ -200,26 +237,29 @@ void tile(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
 // cycle (of Zen 3's 6), and on the data it runs at ~50-60 % of that.
 constexpr int kRows = 3, kCols = 3;
 
-template <int R, int C>
-void tile_cols(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
+template <typename T, int R, int C>
+void tile_cols(const T* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
                int cols, int64_t lo, int64_t hi, double* acc) {
   if constexpr (C > 1) {
-    if (cols < C) return tile_cols<R, C - 1>(x, d, n, i0, j0, cols, lo, hi, acc);
+    if (cols < C) return tile_cols<T, R, C - 1>(x, d, n, i0, j0, cols, lo, hi, acc);
   }
-  tile<R, C>(x, d, n, i0, j0, lo, hi, acc);
+  tile<T, R, C>(x, d, n, i0, j0, lo, hi, acc);
 }
 
-template <int R>
-void tile_any(const float* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
+template <typename T, int R>
+void tile_any(const T* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
               int rows, int cols, int64_t lo, int64_t hi, double* acc) {
   if constexpr (R > 1) {
-    if (rows < R) return tile_any<R - 1>(x, d, n, i0, j0, rows, cols, lo, hi, acc);
+    if (rows < R) {
+      return tile_any<T, R - 1>(x, d, n, i0, j0, rows, cols, lo, hi, acc);
+    }
   }
-  tile_cols<R, kCols>(x, d, n, i0, j0, cols, lo, hi, acc);
+  tile_cols<T, R, kCols>(x, d, n, i0, j0, cols, lo, hi, acc);
 }
 
 // Upper triangle (i < j) of D for one (n, d) matrix, columns [lo, hi), into acc.
-void pairwise_range(const float* x, int64_t n, int64_t d, int64_t lo, int64_t hi,
+template <typename T>
+void pairwise_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi,
                     double* acc) {
   const int64_t block = block_columns(n);
   for (int64_t k0 = lo; k0 < hi; k0 += block) {
@@ -230,26 +270,27 @@ void pairwise_range(const float* x, int64_t n, int64_t d, int64_t lo, int64_t hi
       // j <= i land on or below the diagonal and are never read.
       for (int64_t j0 = i0 + 1; j0 < n; j0 += kCols) {
         const int cols = static_cast<int>(std::min<int64_t>(kCols, n - j0));
-        tile_any<kRows>(x, d, n, i0, j0, rows, cols, k0, k1, acc);
+        tile_any<T, kRows>(x, d, n, i0, j0, rows, cols, k0, k1, acc);
       }
     }
   }
 }
 
-ffi::Error PairwiseSqDistsImpl(ffi::Buffer<ffi::F32> x,
-                               ffi::ResultBuffer<ffi::F32> out) {
+template <ffi::DataType DT>
+ffi::Error PairwiseSqDistsImpl(ffi::Buffer<DT> x, ffi::ResultBuffer<ffi::F32> out) {
   auto dims = x.dimensions();
   if (dims.size() < 2) {
     return ffi::Error::InvalidArgument("pairwise_sq_dists: x must be (..., n, d)");
   }
   const int64_t n = dims[dims.size() - 2], d = dims[dims.size() - 1];
   const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
-  const float* xs = x.typed_data();
+  using T = ffi::NativeType<DT>;
+  const T* xs = x.typed_data();
   float* os = out->typed_data();
   const int threads = thread_count(0.5 * n * n * static_cast<double>(d));
   std::vector<std::vector<double>> acc(threads, std::vector<double>(n * n));
   for (int64_t b = 0; b < batch; ++b) {
-    const float* xb = xs + b * n * d;
+    const T* xb = xs + b * n * d;
     for (auto& a : acc) std::fill(a.begin(), a.end(), 0.0);
     split_columns(d, threads, [&](int t, int64_t lo, int64_t hi) {
       pairwise_range(xb, n, d, lo, hi, acc[t].data());
@@ -268,7 +309,8 @@ ffi::Error PairwiseSqDistsImpl(ffi::Buffer<ffi::F32> x,
 }
 
 // r_i += sum over columns [lo, hi) of (x_i - v)^2 for every row, block by block.
-void row_range(const float* x, const float* v, int64_t n, int64_t d, int64_t lo,
+template <typename T>
+void row_range(const T* x, const float* v, int64_t n, int64_t d, int64_t lo,
                int64_t hi, double* acc) {
   // 32,768 columns (128 KB of v, in L2): every row is read in long runs, which
   // the prefetchers stream. At (25, 1e6): 512 columns took 7.2 ms, 32,768 5.3 ms,
@@ -277,18 +319,18 @@ void row_range(const float* x, const float* v, int64_t n, int64_t d, int64_t lo,
   for (int64_t k0 = lo; k0 < hi; k0 += block) {
     int64_t k1 = std::min(hi, k0 + block);
     for (int64_t i = 0; i < n; ++i) {
-      const float* xi = x + i * d;
+      const T* xi = x + i * d;
       v8 s0 = {}, s1 = {};
       int64_t k = k0;
       for (; k + 16 <= k1; k += 16) {
-        v8 t0 = load8(xi + k) - load8(v + k);
-        v8 t1 = load8(xi + k + 8) - load8(v + k + 8);
+        v8 t0 = load_row(xi + k) - load8(v + k);
+        v8 t1 = load_row(xi + k + 8) - load8(v + k + 8);
         s0 += t0 * t0;
         s1 += t1 * t1;
       }
       double tail = 0.0;
       for (; k < k1; ++k) {
-        double t = static_cast<double>(xi[k]) - v[k];
+        double t = static_cast<double>(to_float(xi[k])) - v[k];
         tail += t * t;
       }
       acc[i] += hsum(s0 + s1) + tail;
@@ -311,7 +353,8 @@ void row_sums(int64_t n, int64_t d, int threads, float* out, Body body) {
   }
 }
 
-ffi::Error RowSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> v,
+template <ffi::DataType DT>
+ffi::Error RowSqDistsImpl(ffi::Buffer<DT> x, ffi::Buffer<ffi::F32> v,
                           ffi::ResultBuffer<ffi::F32> out) {
   auto dims = x.dimensions();
   if (dims.size() < 2) {
@@ -323,8 +366,9 @@ ffi::Error RowSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> v,
   }
   const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
   const int threads = thread_count(static_cast<double>(n) * d);
+  using T = ffi::NativeType<DT>;
   for (int64_t b = 0; b < batch; ++b) {
-    const float* xb = x.typed_data() + b * n * d;
+    const T* xb = x.typed_data() + b * n * d;
     const float* vb = v.typed_data() + b * d;
     row_sums(n, d, threads, out->typed_data() + b * n,
              [&](int, int64_t lo, int64_t hi, double* acc) {
@@ -355,20 +399,21 @@ int64_t step_block_columns(int64_t n) {
 }
 
 // out += sum_r w[r] * rows[r] over `len` columns, R rows per pass over out.
-template <int R>
-void add_weighted(float* out, const float* const* rows, const float* w, int64_t len) {
+template <typename T, int R>
+void add_weighted(float* out, const T* const* rows, const float* w, int64_t len) {
   int64_t k = 0;
   for (; k + 8 <= len; k += 8) {
     v8 s = load8(out + k);
-    for (int r = 0; r < R; ++r) s += w[r] * load8(rows[r] + k);
+    for (int r = 0; r < R; ++r) s += w[r] * load_row(rows[r] + k);
     std::memcpy(out + k, &s, sizeof(s));
   }
   for (; k < len; ++k) {
-    for (int r = 0; r < R; ++r) out[k] += w[r] * rows[r][k];
+    for (int r = 0; r < R; ++r) out[k] += w[r] * to_float(rows[r][k]);
   }
 }
 
-void step_range(const float* x, const float* z, const float* w, float keep,
+template <typename T>
+void step_range(const T* x, const float* z, const float* w, float keep,
                 const std::vector<int64_t>& active, int64_t n, int64_t d,
                 int64_t lo, int64_t hi, bool distances, float* zout, double* acc) {
   const int64_t block = step_block_columns(n);
@@ -378,23 +423,24 @@ void step_range(const float* x, const float* z, const float* w, float keep,
     for (int64_t k = 0; k < len; ++k) out[k] = z[k0 + k] * keep;
     size_t a = 0;
     for (; a + 4 <= active.size(); a += 4) {
-      const float* rows[4];
+      const T* rows[4];
       float ws[4];
       for (int r = 0; r < 4; ++r) {
         rows[r] = x + active[a + r] * d + k0;
         ws[r] = w[active[a + r]];
       }
-      add_weighted<4>(out, rows, ws, len);
+      add_weighted<T, 4>(out, rows, ws, len);
     }
     for (; a < active.size(); ++a) {
-      const float* row[1] = {x + active[a] * d + k0};
-      add_weighted<1>(out, row, &w[active[a]], len);
+      const T* row[1] = {x + active[a] * d + k0};
+      add_weighted<T, 1>(out, row, &w[active[a]], len);
     }
     if (distances) row_range(x, zout, n, d, k0, k0 + len, acc);
   }
 }
 
-ffi::Error StepSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> z,
+template <ffi::DataType DT>
+ffi::Error StepSqDistsImpl(ffi::Buffer<DT> x, ffi::Buffer<ffi::F32> z,
                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> zout,
                            ffi::ResultBuffer<ffi::F32> out, int32_t distances) {
   auto dims = x.dimensions();
@@ -408,8 +454,9 @@ ffi::Error StepSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> z,
   }
   const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
   const int threads = thread_count(static_cast<double>(n) * d);
+  using T = ffi::NativeType<DT>;
   for (int64_t b = 0; b < batch; ++b) {
-    const float* xb = x.typed_data() + b * n * d;
+    const T* xb = x.typed_data() + b * n * d;
     const float* zb = z.typed_data() + b * d;
     const float* wb = w.typed_data() + b * n;
     std::vector<int64_t> active;
@@ -437,26 +484,6 @@ ffi::Error StepSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> z,
 // conversion does. Mode 0: the mean. Mode 1: the sign of the vote
 // sum_i [x_i > 0] - [x_i < 0] (0 for a tie). Mode 2: zero counts as positive, in
 // the votes ([x_i >= 0] - [x_i < 0]) and in the tie (+1). NaN votes nothing.
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-inline v8 load_bf16(const uint16_t* p) {
-#if defined(__AVX2__)
-  // One load-and-widen instruction; GCC splits the generic form below in two.
-  __m128i h;
-  std::memcpy(&h, p, sizeof(h));
-  return reinterpret_cast<v8>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-#else
-  u16x8 h;
-  std::memcpy(&h, p, sizeof(h));
-  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
-  v8 v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-#endif
-}
-
 // Round to nearest even; NaN stays a (quiet) NaN.
 inline u16x8 to_bf16(v8 v) {
   u32x8 u;
@@ -514,9 +541,6 @@ inline v8 block_sums(const float* acc) {
     return __builtin_convertvector(a, v8);
   }
 }
-
-inline v8 load_row(const uint16_t* p) { return load_bf16(p); }
-inline v8 load_row(const float* p) { return load8(p); }
 
 // Writes the first `count` lanes of v to dst, rounded to bfloat16 for a bfloat16
 // output.
@@ -604,20 +628,43 @@ ffi::Error RowRuleImpl(ffi::Buffer<DT> x, ffi::ResultBuffer<DT> out, int32_t mod
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxPairwiseSqDists, PairwiseSqDistsImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxPairwiseSqDists,
+                              PairwiseSqDistsImpl<ffi::DataType::F32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxRowSqDists, RowSqDistsImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxPairwiseSqDistsBf16,
+                              PairwiseSqDistsImpl<ffi::DataType::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxRowSqDists, RowSqDistsImpl<ffi::DataType::F32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxStepSqDists, StepSqDistsImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxRowSqDistsBf16, RowSqDistsImpl<ffi::DataType::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxStepSqDists, StepSqDistsImpl<ffi::DataType::F32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("distances"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxStepSqDistsBf16,
+                              StepSqDistsImpl<ffi::DataType::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

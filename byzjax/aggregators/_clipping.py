@@ -20,8 +20,10 @@ from byzjax import _native
 from byzjax._checks import require, static_int
 from byzjax._numerics import (
     compute_dtype,
+    kernel_rows,
     nan_to_posinf,
     norms,
+    promote,
     row_sq_dists,
     stack_rows,
     weighted_row_sum,
@@ -104,14 +106,17 @@ def centered_clipping(
         chex.assert_rank(grads, 2)
         n = grads.shape[0]
         require(n >= 2 * f + 1, rule, "n >= 2f + 1", n=n, f=f)
-        x = grads.astype(compute_dtype(grads.dtype))
-        radius = jnp.asarray(params["tau"], x.dtype)
+        # The kernels read bfloat16 rows as they are; the products do not.
+        kernel = kernel_rows(grads)
+        x = grads if kernel else promote(grads)
+        dtype = compute_dtype(x.dtype)
+        radius = jnp.asarray(params["tau"], dtype)
 
         def factors(sq):
             scale, broken = clip_factors(jnp.sqrt(sq), radius)
             return jnp.where(broken, 0.0, scale), broken
 
-        if iterations > 1 and _native.usable(x):
+        if iterations > 1 and kernel:
             # Each iteration in one read of x (`step_sq_dists`: the centre moved
             # by sum_i (s_i / n)(x_i - v), then the distances to it from cache),
             # after one distance pass: L + 1 reads instead of 2L. L = 3, paired:
@@ -121,7 +126,7 @@ def centered_clipping(
                 v, sq = _native.step_sq_dists(x, v, factors(sq)[0] / n, distances)
                 return v, nan_to_posinf(sq)
 
-            v0 = state.astype(x.dtype)
+            v0 = state.astype(dtype)
             v, sq = lax.fori_loop(
                 0,
                 iterations - 1,
@@ -139,7 +144,7 @@ def centered_clipping(
             moved = weighted_row_sum(scale, x, ~broken) - scale.sum() * v
             return v + moved / n
 
-        v = lax.fori_loop(0, iterations, step, state.astype(x.dtype))
+        v = lax.fori_loop(0, iterations, step, state.astype(dtype))
         return v.astype(grads.dtype), v
 
     return Aggregator(init, update, {"tau": tau})

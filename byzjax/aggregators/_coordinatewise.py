@@ -51,7 +51,7 @@ def median(f: int = 0) -> Aggregator:
         require(n >= 2 * f + 1, "median", "n >= 2f + 1", n=n, f=f)
         return coordinate_median(x)
 
-    return stateless(fn)
+    return stateless(fn, promote=False)
 
 
 def trimmed_mean(f: int = 0, *, b: int | None = None) -> Aggregator:
@@ -82,7 +82,7 @@ def trimmed_mean(f: int = 0, *, b: int | None = None) -> Aggregator:
         require(n >= 2 * b + 1, "trimmed_mean", "n >= 2b + 1", n=n, f=f, b=b)
         return coordinate_trimmed_mean(x, b)
 
-    return stateless(fn)
+    return stateless(fn, promote=False)
 
 
 _MAM_VARIANTS = {"xie": 0, "alie": 1}
@@ -131,7 +131,7 @@ def mean_around_median(
         require(1 <= q <= n, rule, "1 <= keep <= n", n=n, f=f, keep=q)
         return coordinate_mean_around_median(x, q)
 
-    return stateless(fn)
+    return stateless(fn, promote=False)
 
 
 RULES = {

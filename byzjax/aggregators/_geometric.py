@@ -18,9 +18,13 @@ from byzjax import _native
 from byzjax._checks import require, static_int
 from byzjax._numerics import (
     HIGHEST,
+    compute_dtype,
     coordinate_median,
+    kernel_rows,
     nan_to_posinf,
     norms,
+    promote,
+    promoted_rows,
     robust_center,
     row_sq_dists,
     sum_rows,
@@ -44,14 +48,16 @@ _INITS = ("median", "mean", "zero")
 
 def _start(x, init):
     finite = jnp.isfinite(norms(x))
+    dtype = compute_dtype(x.dtype)
     if init == "median":
         return coordinate_median(x)
     if init == "mean":
         # Mean of the rows with a finite norm: equal to the plain mean on finite
         # input (RFA parity), but a NaN or 1e38 row cannot make the start non-finite.
-        total = sum_rows(lambda i: jnp.where(finite[i], x[i], 0.0), x.shape[0])
-        return total / jnp.maximum(finite.sum(), 1).astype(x.dtype)
-    return jnp.zeros(x.shape[1], x.dtype)
+        rows = promoted_rows(x)
+        total = sum_rows(lambda i: jnp.where(finite[i], rows[i], 0.0), x.shape[0])
+        return total / jnp.maximum(finite.sum(), 1).astype(dtype)
+    return jnp.zeros(x.shape[1], dtype)
 
 
 def geometric_median(
@@ -111,7 +117,10 @@ def geometric_median(
     def fn(x, params):
         n = x.shape[0]
         require(n >= 2 * f + 1, rule, "n >= 2f + 1", n=n, f=f)
-        floor = jnp.asarray(params["nu"], x.dtype)
+        # The kernels read bfloat16 rows as they are; the products below do not.
+        kernel = kernel_rows(x)
+        x = x if kernel else promote(x)
+        floor = jnp.asarray(params["nu"], compute_dtype(x.dtype))
         if relative_nu:
             scale = coordinate_median(norms(x)[:, None])[0]
             floor = floor * jnp.maximum(1.0, scale)
@@ -121,7 +130,7 @@ def geometric_median(
             beta = jnp.where(usable, 1.0 / jnp.maximum(floor, jnp.sqrt(sq)), 0.0)
             return beta, beta.sum()
 
-        if _native.usable(x):
+        if kernel:
             # A step in one read of x (`step_sq_dists`): the weighted sum, then the
             # rows' distances to it from cache, exact (no centre, no
             # cancellation), where the products below read x twice; T steps take
@@ -164,7 +173,7 @@ def geometric_median(
 
         return lax.fori_loop(0, iterations, step, z0)
 
-    return stateless(fn, {"nu": nu})
+    return stateless(fn, {"nu": nu}, promote=False)
 
 
 RULES = {"geometric_median": geometric_median}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from byzjax._checks import require, static_int
 from byzjax._numerics import (
+    compute_dtype,
     nan_to_posinf,
     pairwise_sq_dists,
     robust_center,
@@ -36,7 +37,8 @@ def krum_scores(x: jax.Array, k: int, f: int) -> jax.Array:
     """Krum scores s_i = sum of the k smallest D_ij over j != i (squared distances).
 
     Args:
-      x: (n, d) array in the compute dtype.
+      x: (n, d) array (bfloat16 rows are read as they are where the kernels
+        take them).
       k: static neighbour count, 1 <= k <= n - 1.
       f: number of Byzantine workers tolerated (for the robust centring).
 
@@ -97,7 +99,7 @@ def krum(
         k = _neighbours("krum", x.shape[0], f, neighbors, variant)
         return x[jnp.argmin(krum_scores(x, k, f))]
 
-    return stateless(fn)
+    return stateless(fn, promote=False)
 
 
 def multi_krum(
@@ -148,10 +150,10 @@ def multi_krum(
         # `x[chosen]` wrote an (m, d) copy first, slower still). A finite score
         # means a finite row, so the product is exact; with a row that is not
         # finite and not chosen, `weighted_row_sum` adds the chosen rows alone.
-        w = jnp.zeros(n, x.dtype).at[chosen].set(1.0 / count)
+        w = jnp.zeros(n, compute_dtype(x.dtype)).at[chosen].set(1.0 / count)
         return weighted_row_sum(w, x, jnp.isfinite(scores) | (w > 0))
 
-    return stateless(fn)
+    return stateless(fn, promote=False)
 
 
 RULES = {"krum": krum, "multi_krum": multi_krum}
