@@ -19,6 +19,7 @@ from byzjax._sorting import (
     FULL_NETWORK_MAX_N,
     SELECT_MAX_N,
     _nan_to_posinf,
+    middle_rows,
     order_statistics,
     ranked_rows,
     sort_rows,
@@ -282,7 +283,10 @@ def coordinate_trimmed_mean(x: jax.Array, b: int) -> jax.Array:
     """Mean of the order statistics b+1 .. n-b of each coordinate (NaN as +Inf).
 
     Up to `FULL_NETWORK_MAX_N` rows, the middle ranks are summed straight off the
-    sorting network, in its fused loop. Above, with lo = x_(b+1) and hi = x_(n-b),
+    network, in its fused loop; the sum needs the middle set, not its order, so
+    the network is Batcher's minus the compare-exchanges that only order values
+    within the b smallest, the middle or the b largest (`middle_rows`: 117 of 140
+    at n = 25, b = 5; 4.2-4.3 against 5.0-5.2 ms at (25, 1e6), alternated). Above, with lo = x_(b+1) and hi = x_(n-b),
     clipping every entry to [lo, hi] maps the b smallest to lo and the b largest to
     hi and leaves the middle alone, so sum_k clip(x_k) - b (lo + hi) is the trimmed
     sum whatever the ties: two order statistics from the network and one fused pass
@@ -295,8 +299,8 @@ def coordinate_trimmed_mean(x: jax.Array, b: int) -> jax.Array:
         # The middle ranks summed inside the network's fused loop: one read of x
         # instead of two (network, then clipping pass), 10-25 % faster at n = 25
         # and 32 though the network keeps more compare-exchanges.
-        ranked = ranked_rows(x)
-        return sum_rows(lambda i: ranked[b + i], n - 2 * b) / (n - 2 * b)
+        middle = middle_rows(x, b)
+        return sum_rows(lambda i: middle[i], n - 2 * b) / (n - 2 * b)
     lo, hi = order_statistics(x, [b, n - b - 1])
     # Row by row, for the reason given in `order_statistics`.
     clipped = [jnp.clip(nan_to_posinf(r), lo, hi) for r in promoted_rows(x)]

@@ -65,9 +65,30 @@ def batcher_pairs(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _network(rows: list[jax.Array], select: bool) -> list[jax.Array]:
+@functools.cache
+def partition_pairs(n: int, b: int) -> tuple[tuple[int, int], ...]:
+    """Batcher's pairs for n inputs that still matter when only the three sets of
+    wires [0, b), [b, n - b) and [n - b, n) are read, not the order within each.
+
+    A compare-exchange that is the last one on both its wires and joins two wires
+    of the same set only orders values within that set, so it is dropped; walking
+    backwards, dropping one can make the one before it last on its wires. For the
+    trimmed mean of 25 rows with b = 5: 117 of 140 compare-exchanges.
+    """
+    group = [0 if w < b else 2 if w >= n - b else 1 for w in range(n)]
+    kept, later = [], set()
+    for a, c in reversed(batcher_pairs(n)):
+        if a in later or c in later or group[a] != group[c]:
+            kept.append((a, c))
+            later.update((a, c))
+    return tuple(reversed(kept))
+
+
+def _network(
+    rows: list[jax.Array], select: bool, pairs: Sequence[tuple[int, int]] | None = None
+) -> list[jax.Array]:
     rows = list(rows)
-    for a, b in batcher_pairs(len(rows)):
+    for a, b in batcher_pairs(len(rows)) if pairs is None else pairs:
         if select:
             swap = rows[b] < rows[a]
             lo, hi = (
@@ -125,6 +146,18 @@ def ranked_rows(x: jax.Array) -> list[jax.Array]:
     if x.shape[0] > FULL_NETWORK_MAX_N:
         raise ValueError(f"ranked_rows: n = {x.shape[0]} > {FULL_NETWORK_MAX_N}")
     return _network([_nan_to_posinf(r) for r in promoted_rows(x)], True)
+
+
+def middle_rows(x: jax.Array, b: int) -> list[jax.Array]:
+    """The n - 2b middle order statistics of each column of x (ranks b .. n - b - 1),
+    as n - 2b rows in no particular order, NaN as +Inf: for a sum over them (the
+    trimmed mean), through the pruned `partition_pairs` network. Not materialised,
+    for n <= `FULL_NETWORK_MAX_N` (see `ranked_rows`)."""
+    n = x.shape[0]
+    if n > FULL_NETWORK_MAX_N:
+        raise ValueError(f"middle_rows: n = {n} > {FULL_NETWORK_MAX_N}")
+    rows = [_nan_to_posinf(r) for r in promoted_rows(x)]
+    return _network(rows, True, partition_pairs(n, b))[b : n - b]
 
 
 def sort_rows(x: jax.Array) -> jax.Array:

@@ -33,6 +33,24 @@ def test_batcher_network_sorts_every_zero_one_input(n):
         assert v == sorted(bits)
 
 
+@pytest.mark.parametrize("n", range(1, 13))
+def test_partition_network_splits_every_zero_one_input(n):
+    # 0-1 principle, for each side: the b smallest land on wires [0, b) and the b
+    # largest on [n - b, n) for every input iff for every 0-1 input.
+    for b in range(n // 2 + 1):
+        pairs = _sorting.partition_pairs(n, b)
+        for bits in itertools.product((0, 1), repeat=n):
+            v = list(bits)
+            for a, c in pairs:
+                v[a], v[c] = min(v[a], v[c]), max(v[a], v[c])
+            want = sorted(bits)
+            assert sorted(v[:b]) == want[:b] and sorted(v[n - b :]) == want[n - b :]
+
+
+def test_partition_network_is_pruned():
+    assert len(_sorting.partition_pairs(25, 5)) < len(_sorting.batcher_pairs(25))
+
+
 @pytest.mark.parametrize("d", [7, 1])  # one column: XLA's sort instead of a network
 @pytest.mark.parametrize("select", [True, False])
 @pytest.mark.parametrize("n", [1, 2, 3, 16, 25, 33, 100, 129, 130])
@@ -48,7 +66,7 @@ def test_order_statistics_match_numpy_sort(n, select, d):
     np.testing.assert_array_equal(jax.jit(nm.sort_workers)(x), want.astype(np.float32))
 
 
-@pytest.mark.parametrize("n", [2, 5, 8, 25, 130])
+@pytest.mark.parametrize("n", [2, 5, 8, 17, 25, 32, 130])
 def test_median_and_trimmed_mean_match_numpy(n):
     rng = np.random.default_rng(100 + n)
     b = (n - 1) // 4
