@@ -19,7 +19,6 @@ from byzjax._sorting import (
     FULL_NETWORK_MAX_N,
     SELECT_MAX_N,
     _nan_to_posinf,
-    middle_rows,
     order_statistics,
     ranked_rows,
     sort_rows,
@@ -41,6 +40,11 @@ def promote(x: jax.Array) -> jax.Array:
     """x in `compute_dtype`: a whole-array copy for a bfloat16 x. Rules call it
     only on the paths that cannot read bfloat16 rows directly."""
     return x.astype(compute_dtype(x.dtype))
+
+
+def kernel_input(x: jax.Array) -> jax.Array:
+    """x as it is where the distance kernels read it, else promoted (float16)."""
+    return x if kernel_rows(x) else promote(x)
 
 
 def nan_to_posinf(x: jax.Array) -> jax.Array:
@@ -195,6 +199,7 @@ def pairwise_sq_dists(x: jax.Array, center: jax.Array | None = None) -> jax.Arra
     Returns:
       (n, n) float32 (or wider) array of squared distances.
     """
+    x = kernel_input(x)
     if kernel_rows(x):
         return nan_to_posinf(_native.pairwise_sq_dists(x))
     return gram_sq_dists(x, center)
@@ -220,6 +225,7 @@ def row_sq_dists(x: jax.Array, v: jax.Array) -> jax.Array:
     `_native` kernel instead, since XLA re-reads v for every row (at (100, 1e6)
     60-85 ms, the kernel 25-35 ms, one read of x taking 17 ms).
     """
+    x = kernel_input(x)
     if kernel_rows(x) and v.dtype == jnp.float32:
         return nan_to_posinf(_native.row_sq_dists(x, v))
     return reduce_row_sq_dists(promote(x), v)
@@ -285,7 +291,7 @@ def coordinate_trimmed_mean(x: jax.Array, b: int) -> jax.Array:
     Up to `FULL_NETWORK_MAX_N` rows, the middle ranks are summed straight off the
     network, in its fused loop; the sum needs the middle set, not its order, so
     the network is Batcher's minus the compare-exchanges that only order values
-    within the b smallest, the middle or the b largest (`middle_rows`: 117 of 140
+    within the b smallest, the middle or the b largest (`partition_pairs`: 117 of 140
     at n = 25, b = 5; 4.2-4.3 against 5.0-5.2 ms at (25, 1e6), alternated).
     Above, with lo = x_(b+1) and hi = x_(n-b), clipping every entry to [lo, hi]
     maps the b smallest to lo and the b largest to hi and leaves the middle alone,
@@ -300,7 +306,7 @@ def coordinate_trimmed_mean(x: jax.Array, b: int) -> jax.Array:
         # The middle ranks summed inside the network's fused loop: one read of x
         # instead of two (network, then clipping pass), 10-25 % faster at n = 25
         # and 32 though the network keeps more compare-exchanges.
-        middle = middle_rows(x, b)
+        middle = ranked_rows(x, cuts=(b, n - b))[b : n - b]
         return sum_rows(lambda i: middle[i], n - 2 * b) / (n - 2 * b)
     lo, hi = order_statistics(x, [b, n - b - 1])
     # Row by row, for the reason given in `order_statistics`.
@@ -424,7 +430,7 @@ def _window_mean(x: jax.Array, k: int) -> jax.Array:
     n = x.shape[0]
     mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
     ends = [*range(n - k), *range(k, n)]  # the window's possible ends
-    r = ranked_rows(x, exact=sorted({*ends, *mid}))
+    r = ranked_rows(x, cuts=[c for e in {*ends, *mid} for c in (e, e + 1)])
     m = r[mid[0]] if n % 2 else 0.5 * (r[mid[0]] + r[mid[1]])
     # s = the first i with r_(i+k) - m >= m - r_i. Equality there, between two
     # values, is the one tie the window cannot settle: r_s is in, r_(s+k) out,

@@ -112,7 +112,7 @@ def order_statistics(
     went from 17 ms to 75 ms.
 
     Args:
-      x: (n, d) array.
+      x: (n, d) array (bfloat16 rows are promoted inside the network's loop).
       ks: static 0-based ranks, each in [0, n); ask only for those needed, the
       network is pruned to them.
       select: compare-exchange by one comparison and two selects (True) or by
@@ -137,36 +137,20 @@ def order_statistics(
     return list(lax.optimization_barrier(tuple(ranked[k] for k in ks)))
 
 
-def ranked_rows(x: jax.Array, exact: Sequence[int] | None = None) -> list[jax.Array]:
+def ranked_rows(x: jax.Array, cuts: Sequence[int] | None = None) -> list[jax.Array]:
     """Every wire of the network over the rows of x (wire k = rank k), NaN as +Inf.
 
     Not materialised: for a single consumer that reads several ranks in one fused
-    loop. Ranks it does not read are pruned by XLA. With `exact`, only those ranks
-    are in place; the wires between them hold the right sets of values in any
-    order (`partition_pairs`), for a consumer that only sums them. For n <=
-    `FULL_NETWORK_MAX_N` only (compile time).
+    loop. Ranks it does not read are pruned by XLA. With `cuts`, the wires hold
+    the right sets of values between the cuts, in any order (`partition_pairs`),
+    for a consumer that sums them (a rank read on its own needs cuts at k and
+    k + 1). For n <= `FULL_NETWORK_MAX_N` only (compile time).
     """
     n = x.shape[0]
     if n > FULL_NETWORK_MAX_N:
         raise ValueError(f"ranked_rows: n = {n} > {FULL_NETWORK_MAX_N}")
-    pairs = None
-    if exact is not None:
-        pairs = partition_pairs(
-            n, tuple(sorted({c for e in exact for c in (e, e + 1)}))
-        )
+    pairs = None if cuts is None else partition_pairs(n, tuple(sorted(set(cuts))))
     return _network([_nan_to_posinf(r) for r in promoted_rows(x)], True, pairs)
-
-
-def middle_rows(x: jax.Array, b: int) -> list[jax.Array]:
-    """The n - 2b middle order statistics of each column of x (ranks b .. n - b - 1),
-    as n - 2b rows in no particular order, NaN as +Inf: for a sum over them (the
-    trimmed mean), through the pruned `partition_pairs` network. Not materialised,
-    for n <= `FULL_NETWORK_MAX_N` (see `ranked_rows`)."""
-    n = x.shape[0]
-    if n > FULL_NETWORK_MAX_N:
-        raise ValueError(f"middle_rows: n = {n} > {FULL_NETWORK_MAX_N}")
-    rows = [_nan_to_posinf(r) for r in promoted_rows(x)]
-    return _network(rows, True, partition_pairs(n, (b, n - b)))[b : n - b]
 
 
 def sort_rows(x: jax.Array) -> jax.Array:

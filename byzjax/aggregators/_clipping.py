@@ -20,10 +20,10 @@ from byzjax import _native
 from byzjax._checks import require, static_int
 from byzjax._numerics import (
     compute_dtype,
+    kernel_input,
     kernel_rows,
     nan_to_posinf,
     norms,
-    promote,
     row_sq_dists,
     stack_rows,
     weighted_row_sum,
@@ -107,8 +107,8 @@ def centered_clipping(
         n = grads.shape[0]
         require(n >= 2 * f + 1, rule, "n >= 2f + 1", n=n, f=f)
         # The kernels read bfloat16 rows as they are; the products do not.
-        kernel = kernel_rows(grads)
-        x = grads if kernel else promote(grads)
+        x = kernel_input(grads)
+        kernel = kernel_rows(x)
         dtype = compute_dtype(x.dtype)
         radius = jnp.asarray(params["tau"], dtype)
 

@@ -20,10 +20,10 @@ from byzjax._numerics import (
     HIGHEST,
     compute_dtype,
     coordinate_median,
+    kernel_input,
     kernel_rows,
     nan_to_posinf,
     norms,
-    promote,
     promoted_rows,
     robust_center,
     row_sq_dists,
@@ -118,8 +118,8 @@ def geometric_median(
         n = x.shape[0]
         require(n >= 2 * f + 1, rule, "n >= 2f + 1", n=n, f=f)
         # The kernels read bfloat16 rows as they are; the products below do not.
+        x = kernel_input(x)
         kernel = kernel_rows(x)
-        x = x if kernel else promote(x)
         floor = jnp.asarray(params["nu"], compute_dtype(x.dtype))
         if relative_nu:
             scale = coordinate_median(norms(x)[:, None])[0]
