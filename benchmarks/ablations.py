@@ -48,7 +48,7 @@ def pairs(n: int, f: int):
         # x plays the honest rows (an argument: a slice of it would be copied).
         return lambda x, v: jnp.broadcast_to(-mean(x), (f, x.shape[1]))
 
-    return [
+    choices = [
         (
             "compare-exchange",
             lambda x, v: _sorting.order_statistics(x, [k], True)[0],
@@ -97,7 +97,36 @@ def pairs(n: int, f: int):
             lambda x, v: nm.sum_rows(lambda i: v[i] * x[i], len(x)),
             "weighted_row_sum (one matrix-vector product) vs fused row additions",
         ),
-    ] + (native_pairs(f) if _native.enabled() else [])
+    ]
+    if n <= _sorting.FULL_NETWORK_MAX_N:
+        choices += network_pairs(n, f)
+    return choices + (native_pairs(f) if _native.enabled() else [])
+
+
+def network_pairs(n: int, f: int):
+    """The networks that need only sets of ranks (n <= 32)."""
+
+    def trimmed_sum(cuts):
+        def fn(x, v):
+            middle = _sorting.ranked_rows(x, cuts)[f : n - f]
+            return nm.sum_rows(lambda i: middle[i], n - 2 * f)
+
+        return fn
+
+    return [
+        (
+            "partition network",
+            trimmed_sum((f, n - f)),
+            trimmed_sum(None),
+            "trimmed sum off a network pruned to three sets vs Batcher's full one",
+        ),
+        (
+            "mean around median, window",
+            lambda x, v: nm.coordinate_mean_around_median(x, n - f),
+            lambda x, v: nm._mean_around_median_rows(x, n - f),
+            "the window's sum (ties recomputed) vs the entries within delta by row",
+        ),
+    ]
 
 
 def _step_weights(x, v):
