@@ -120,12 +120,6 @@ def network_pairs(n: int, f: int):
             trimmed_sum(None),
             "trimmed sum off a network pruned to three sets vs Batcher's full one",
         ),
-        (
-            "mean around median, window",
-            lambda x, v: nm.coordinate_mean_around_median(x, n - f),
-            lambda x, v: nm._mean_around_median_rows(x, n - f),
-            "the window's sum (ties recomputed) vs the entries within delta by row",
-        ),
     ]
 
 

@@ -112,11 +112,10 @@ def _mean_around_median_oracle(x, k):
 
 
 @pytest.mark.parametrize("ties", ["few", "every_block"])
-def test_mean_around_median_recomputes_tie_columns(ties):
-    # The window's sum is fixed where a value outside it is exactly as far from the
-    # median as one inside on the other side: in gathered blocks of 1,024 columns
-    # when at most 16 blocks have one (here blocks 0, 3, 16 and the last, partial
-    # one), else through the rows everywhere.
+def test_mean_around_median_two_sided_ties(ties):
+    # A value outside the window of the sorted column exactly as far from the
+    # median as one inside on the other side: T0 picks by worker index, which the
+    # sorted column has lost (a few such columns among many, or ties everywhere).
     n, k, d = 25, 20, 17 * 1024 + 5
     rng = np.random.default_rng(7)
     if ties == "few":
