@@ -276,14 +276,29 @@ void pairwise_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi,
   }
 }
 
+// The shape of a kernel's (..., n, d) x, its leading dimensions folded into
+// `batch` (from jax.vmap); `ok` is false when x has fewer than two dimensions.
+struct Shape {
+  int64_t n = 0, d = 0, batch = 0;
+  bool ok = false;
+};
+
+template <ffi::DataType DT>
+Shape shape_of(const ffi::Buffer<DT>& x) {
+  auto dims = x.dimensions();
+  if (dims.size() < 2) return {};
+  const int64_t n = dims[dims.size() - 2], d = dims[dims.size() - 1];
+  return {n, d, n * d == 0 ? 0 : static_cast<int64_t>(x.element_count()) / (n * d),
+          true};
+}
+
 template <ffi::DataType DT>
 ffi::Error PairwiseSqDistsImpl(ffi::Buffer<DT> x, ffi::ResultBuffer<ffi::F32> out) {
-  auto dims = x.dimensions();
-  if (dims.size() < 2) {
+  const Shape shape = shape_of(x);
+  if (!shape.ok) {
     return ffi::Error::InvalidArgument("pairwise_sq_dists: x must be (..., n, d)");
   }
-  const int64_t n = dims[dims.size() - 2], d = dims[dims.size() - 1];
-  const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
+  const int64_t n = shape.n, d = shape.d, batch = shape.batch;
   using T = ffi::NativeType<DT>;
   const T* xs = x.typed_data();
   float* os = out->typed_data();
@@ -356,15 +371,14 @@ void row_sums(int64_t n, int64_t d, int threads, float* out, Body body) {
 template <ffi::DataType DT>
 ffi::Error RowSqDistsImpl(ffi::Buffer<DT> x, ffi::Buffer<ffi::F32> v,
                           ffi::ResultBuffer<ffi::F32> out) {
-  auto dims = x.dimensions();
-  if (dims.size() < 2) {
+  const Shape shape = shape_of(x);
+  if (!shape.ok) {
     return ffi::Error::InvalidArgument("row_sq_dists: x must be (..., n, d)");
   }
-  const int64_t n = dims[dims.size() - 2], d = dims[dims.size() - 1];
+  const int64_t n = shape.n, d = shape.d, batch = shape.batch;
   if (v.element_count() * n != x.element_count()) {
     return ffi::Error::InvalidArgument("row_sq_dists: v must be (..., d)");
   }
-  const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
   const int threads = thread_count(static_cast<double>(n) * d);
   using T = ffi::NativeType<DT>;
   for (int64_t b = 0; b < batch; ++b) {
@@ -443,16 +457,15 @@ template <ffi::DataType DT>
 ffi::Error StepSqDistsImpl(ffi::Buffer<DT> x, ffi::Buffer<ffi::F32> z,
                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> zout,
                            ffi::ResultBuffer<ffi::F32> out, int32_t distances) {
-  auto dims = x.dimensions();
-  if (dims.size() < 2) {
+  const Shape shape = shape_of(x);
+  if (!shape.ok) {
     return ffi::Error::InvalidArgument("step_sq_dists: x must be (..., n, d)");
   }
-  const int64_t n = dims[dims.size() - 2], d = dims[dims.size() - 1];
+  const int64_t n = shape.n, d = shape.d, batch = shape.batch;
   if (z.element_count() * n != x.element_count() ||
       w.element_count() * d != x.element_count()) {
     return ffi::Error::InvalidArgument("step_sq_dists: z (..., d), w (..., n)");
   }
-  const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
   const int threads = thread_count(static_cast<double>(n) * d);
   using T = ffi::NativeType<DT>;
   for (int64_t b = 0; b < batch; ++b) {
@@ -606,12 +619,11 @@ void rows_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out
 
 template <ffi::DataType DT>
 ffi::Error RowRuleImpl(ffi::Buffer<DT> x, ffi::ResultBuffer<DT> out, int32_t mode) {
-  auto dims = x.dimensions();
-  if (dims.size() < 2 || mode < 0 || mode > 2) {
+  const Shape shape = shape_of(x);
+  if (!shape.ok || mode < 0 || mode > 2) {
     return ffi::Error::InvalidArgument("row_rule: x must be (..., n, d), mode 0-2");
   }
-  const int64_t n = dims[dims.size() - 2], d = dims[dims.size() - 1];
-  const int64_t batch = n * d == 0 ? 0 : x.element_count() / (n * d);
+  const int64_t n = shape.n, d = shape.d, batch = shape.batch;
   const int threads = thread_count(static_cast<double>(n) * d);
   using T = ffi::NativeType<DT>;
   for (int64_t b = 0; b < batch; ++b) {
