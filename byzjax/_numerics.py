@@ -52,6 +52,27 @@ def nan_to_posinf(x: jax.Array) -> jax.Array:
     return _nan_to_posinf(x)
 
 
+def patch_if(pred: jax.Array, fix, value: jax.Array, *operands) -> jax.Array:
+    """`fix(value, *operands)` where the scalar `pred` holds, else `value`, with
+    `fix` run only then.
+
+    A `lax.while_loop` of at most one trip rather than a `lax.cond`: under
+    `jax.vmap` (sweeps) a cond with a batched predicate becomes a select that runs
+    both sides every time (18.5 against 8.5 ms for four (25, 2.5e5) inputs of
+    mean-around-median), while the loop runs `fix` only when some batch element
+    needs it. For a rare, costly fix of a cheap `value`, computed first.
+    """
+
+    def body(carry):
+        # The operands tied to the loop's state: XLA hoists a body that does not
+        # depend on it out of the loop, which then ran the fix every time.
+        pred, value = carry
+        ops, _ = lax.optimization_barrier((operands, pred))
+        return jnp.zeros_like(pred), fix(value, *ops)
+
+    return lax.while_loop(lambda carry: carry[0], body, (pred, value))[1]
+
+
 def row_sum(x: jax.Array) -> jax.Array:
     """Sum over the worker axis 0 of an (n, d) array, as a tree of row additions.
 
@@ -126,10 +147,7 @@ def weighted_row_sum(w: jax.Array, x: jax.Array, keep: jax.Array) -> jax.Array:
     rows must be finite.
     """
 
-    def product():
-        return jnp.matmul(w, x, precision=HIGHEST)
-
-    def rows():
+    def rows(_, x, w, keep):
         x_rows = promoted_rows(x)
         return sum_rows(lambda i: jnp.where(keep[i], w[i] * x_rows[i], 0.0), x.shape[0])
 
@@ -140,8 +158,10 @@ def weighted_row_sum(w: jax.Array, x: jax.Array, keep: jax.Array) -> jax.Array:
             w = jnp.where(keep, w, 0.0).astype(jnp.float32)
             zero = jnp.zeros(x.shape[1], jnp.float32)
             return _native.step_sq_dists(x, zero, w, False)[0]
-        return rows()
-    return lax.cond(jnp.all(keep), product, rows)
+        return rows(None, x, w, keep)
+    return patch_if(
+        ~jnp.all(keep), rows, jnp.matmul(w, x, precision=HIGHEST), x, w, keep
+    )
 
 
 def row_mean(x: jax.Array) -> jax.Array:
@@ -363,25 +383,18 @@ def _mean_within(rows: list[jax.Array], dev: list[jax.Array], delta: jax.Array, 
 def coordinate_mean_around_median(x: jax.Array, k: int) -> jax.Array:
     """`coordinate_mean_around(x, coordinate_median(x), k)`, in one network pass.
 
-    Up to `FULL_NETWORK_MAX_N` rows: the k entries closest to the median m form a
-    window [s, s + k) of the sorted column r, and since (r_(i+k) - m) - (m - r_i)
-    grows with i, s counts the i with r_(i+k) - m < m - r_i; the k-th smallest
-    deviation is then delta = max(m - r_s, r_(s+k-1) - m). A window is a set of
-    values, not of workers, so the entries are then taken from the rows, in
-    worker order, as `coordinate_mean_around` does with delta (SPEC T0 at equal
-    deviations), in the network's fused loop: one read of x instead of three
-    (the median, the deviations' order statistic, the tie pass). Summing the
-    window itself, with the whole array sent through the general form whenever
-    a column held two entries at exactly the same distance either side of m, was
-    no faster without such a column (1.6-1.9x the read at (25, 1e6), this form
-    1.85-2.1x, the general form 2.1-2.7x) and 3.8-4.5x with one, which float32
-    Gaussian data has about once per 1e6 columns. A non-finite median (more than
-    half the entries non-finite) takes the general form. Bulyan keeps the general
-    form: on its gathered rows a window took 50.8 against 19.7 ms at (25, 1e6).
-    Summing the window off a partition network, with only the tie columns
-    recomputed in this form (in gathered blocks), took 1.72x the read, but under
-    `jax.vmap` (sweeps) both sides of its `lax.cond`s run: 18.5 against 8.5 ms
-    for four (25, 2.5e5) inputs, so it was not kept.
+    Up to `FULL_NETWORK_MAX_N` rows, the k entries closest to the median m form a
+    window [s, s + k) of the sorted column r: since (r_(i+k) - m) - (m - r_i)
+    grows with i, s counts the i with r_(i+k) - m < m - r_i. For k >= n / 2 the
+    window always holds the ranks [n - k, k), so its sum is those ranks (in any
+    order: a partition network) plus the ends r_i, i < n - k, taken when i >= s,
+    and r_i, i >= k, taken when i < s + k (`_window_mean`). A window is a set of
+    values, not of workers: where an entry outside it is exactly as close to m as
+    one inside with another value, SPEC T0 picks by worker index, and those
+    columns (with a non-finite median's) are recomputed through the rows in
+    worker order (`_mean_around_median_rows`), in gathered blocks of columns when
+    few, else whole. Bulyan keeps the general form: on its gathered rows a window
+    took 50.8 against 19.7 ms at (25, 1e6).
     """
     n = x.shape[0]
     if n > FULL_NETWORK_MAX_N:
@@ -390,6 +403,86 @@ def coordinate_mean_around_median(x: jax.Array, k: int) -> jax.Array:
         # compile (100, 1e6) (the median network, then the deviations' network).
         x = promote(x)
         return coordinate_mean_around(x, coordinate_median(x), k)
+    if 2 * k < n or x.dtype != jnp.float32:
+        # bfloat16 has 8 bits of mantissa: its columns tie too often for the
+        # window (Gaussian (25, 1e6): more than 16 blocks with a tie, 22.8 ms for
+        # the window and then the rows, against 16.3 ms for the rows alone).
+        return _mean_around_median_rows(x, k)
+    return _fix_columns(x, k, _window_mean(x, k))
+
+
+# `coordinate_mean_around_median` recomputes at most `_FIX_BLOCKS` blocks of
+# `_FIX_BLOCK` columns by gathering them: finding the blocks from 1e6 flags took
+# 0.6 ms, `jnp.nonzero` on the flags themselves 7.5 ms.
+_FIX_BLOCK, _FIX_BLOCKS = 1024, 16
+
+
+def _fix_columns(x: jax.Array, k: int, out: jax.Array) -> jax.Array:
+    """`out` with its NaN columns recomputed in the T0 form: block by block, or
+    whole when more than `_FIX_BLOCKS` blocks hold one."""
+    d = out.shape[0]
+    width = min(_FIX_BLOCK, d)
+    count = -(-d // width)
+
+    def gather(out, x, hit):
+        (blocks,) = jnp.nonzero(hit, size=min(_FIX_BLOCKS, count), fill_value=0)
+        starts = jnp.minimum(blocks * width, d - width)
+        fixed = jax.vmap(
+            lambda s0: _mean_around_median_rows(
+                lax.dynamic_slice_in_dim(x, s0, width, axis=1), k
+            )
+        )(starts)
+        cols = (starts[:, None] + jnp.arange(width)).reshape(-1)
+        return out.at[cols].set(fixed.reshape(-1))
+
+    def fix(out, x):
+        hit = jnp.pad(jnp.isnan(out), (0, count * width - d)).reshape(count, width)
+        hit = hit.any(axis=1)
+        # Under vmap this cond runs both sides, but only when some input has a
+        # column to fix.
+        return lax.cond(
+            hit.sum() > _FIX_BLOCKS,
+            lambda: _mean_around_median_rows(x, k),
+            lambda: gather(out, x, hit),
+        )
+
+    return patch_if(jnp.isnan(out).any(), fix, out, x)
+
+
+def _window_mean(x: jax.Array, k: int) -> jax.Array:
+    """The window's mean, NaN where a tie or a non-finite median makes the window
+    possibly not SPEC T0's set (see `coordinate_mean_around_median`); 2k >= n."""
+    n = x.shape[0]
+    mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
+    alone = {*range(n - k), *range(k, n), *mid}  # the window's possible ends, m
+    r = ranked_rows(x, cuts=[c for i in alone for c in (i, i + 1)])
+    m = r[mid[0]] if n % 2 else 0.5 * (r[mid[0]] + r[mid[1]])
+    # s = the first i with r_(i+k) - m >= m - r_i. Equality there, between two
+    # values, is the one tie the window cannot settle: r_s is in, r_(s+k) out,
+    # equally far, and T0 picks by worker index. (Below s the inequality is
+    # strict; on one side a value further out is further away, exactly, and
+    # where float32 rounds two such deviations equal the window keeps the closer
+    # value, as the float64 oracle does.)
+    start = jnp.zeros(m.shape, jnp.int32)
+    tie = ~jnp.isfinite(m)
+    for i in range(n - k):
+        up, down = r[i + k] - m, m - r[i]
+        start = start + (up < down).astype(jnp.int32)
+        tie = tie | ((up == down) & (r[i + k] != r[i]))
+    total = sum_rows(lambda i: r[n - k + i], 2 * k - n)
+    for i in range(n - k):
+        total = total + jnp.where(i >= start, r[i], 0.0)
+        total = total + jnp.where(k + i < start + k, r[k + i], 0.0)
+    return jnp.where(tie, jnp.nan, total / k)
+
+
+def _mean_around_median_rows(x: jax.Array, k: int) -> jax.Array:
+    """The T0 form for n <= `FULL_NETWORK_MAX_N`: delta = max(m - r_s, r_(s+k-1) -
+    m) off the sorted column, then the entries within delta taken from the rows in
+    worker order (SPEC T0 at equal deviations) in the network's fused loop: one
+    read of x instead of three (the median, the deviations' order statistic, the
+    tie pass). A non-finite median takes the general form."""
+    n = x.shape[0]
     r = ranked_rows(x)
     m = r[n // 2] if n % 2 else 0.5 * (r[n // 2 - 1] + r[n // 2])
     start = jnp.zeros(m.shape, jnp.int32)
@@ -402,10 +495,11 @@ def coordinate_mean_around_median(x: jax.Array, k: int) -> jax.Array:
     out = _mean_within(rows, _deviations(rows, m), delta, k)
     # One consumer of the network (a second one would fuse its own copy of it).
     out = jnp.where(jnp.isfinite(m), out, jnp.nan)
-    return lax.cond(
+    return patch_if(
         jnp.isnan(out).any(),
-        lambda: coordinate_mean_around(x, coordinate_median(x), k),
-        lambda: out,
+        lambda _, x: coordinate_mean_around(x, coordinate_median(x), k),
+        out,
+        x,
     )
 
 

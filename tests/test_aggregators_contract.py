@@ -251,6 +251,45 @@ def test_rule_fused_update_equals_update(name, dtype):
             )
 
 
+def _vmap_batch(n):
+    """Three inputs for one vmapped call: clean, with a NaN row and a -Inf entry
+    (the rules' non-finite fallbacks), and small integers (ties everywhere)."""
+    rng = np.random.default_rng(11)
+    clean = rng.normal(size=(n, 37))
+    broken = clean.copy()
+    broken[0], broken[n - 1, 2] = np.nan, -np.inf
+    ties = rng.integers(-2, 3, size=(n, 37))
+    return jnp.asarray(np.stack([clean, broken, ties]), jnp.float32)
+
+
+def _assert_vmap_equals_each(update, x):
+    # Sweeps vmap the rules: every fallback must still fix only the inputs that
+    # need it (a batched predicate turns a lax.cond into a select).
+    batched = jax.jit(jax.vmap(update))(x)
+    for got, x_i in zip(batched, x, strict=True):
+        want = jax.jit(update)(x_i)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rule_vmapped_equals_each_input(name):
+    cfg = RULES[name]
+    agg = aggregators.build(name, f=cfg["f"], **cfg["params"])
+    x = _vmap_batch(cfg["n"])
+    _assert_vmap_equals_each(
+        lambda x: agg.update(x, agg.init(x), agg.default_params)[0], x
+    )
+
+
+@pytest.mark.parametrize("name", sorted(PRE))
+def test_pre_vmapped_equals_each_input(name):
+    cfg = PRE[name]
+    agg = aggregators.build("median", f=2, pre=[(name, cfg["params"])])
+    _assert_vmap_equals_each(
+        lambda x: agg.update(x, agg.init(x), agg.default_params)[0], _vmap_batch(9)
+    )
+
+
 def test_chain_runs_the_rules_fused_update():
     def const(v):
         return lambda x, state, params: (jnp.full(x.shape[1], v, x.dtype), state)

@@ -111,26 +111,63 @@ def _mean_around_median_oracle(x, k):
     return want
 
 
-@pytest.mark.parametrize("ties", ["few", "every_block"])
-def test_mean_around_median_two_sided_ties(ties):
-    # A value outside the window of the sorted column exactly as far from the
-    # median as one inside on the other side: T0 picks by worker index, which the
-    # sorted column has lost (a few such columns among many, or ties everywhere).
-    n, k, d = 25, 20, 17 * 1024 + 5
-    rng = np.random.default_rng(7)
+def _two_sided_ties(ties, n, d, rng):
+    if ties == "every_block":
+        return rng.integers(-3, 4, size=(n, d)).astype(np.float32)
+    x = rng.normal(size=(n, d)).astype(np.float32)
     if ties == "few":
-        x = rng.normal(size=(n, d)).astype(np.float32)
         for j in (0, 3 * 1024 + 17, 16 * 1024, d - 1):
             # Median 0 (13 zeros), 7 of the twelve entries at distance 1 taken:
             # T0 takes the six +1 (lower workers) and one -1 (mean 0.25), the
             # sorted window six -1 and one +1 (mean -0.25).
             x[:, j] = [0.0] * 13 + [1.0] * 6 + [-1.0] * 6
+    return x
+
+
+@pytest.mark.parametrize("ties", ["few", "every_block", "vmapped"])
+def test_mean_around_median_two_sided_ties(ties):
+    # A value outside the window of the sorted column exactly as far from the
+    # median as one inside on the other side: T0 picks by worker index, which the
+    # sorted column has lost (a few such columns among many, or ties everywhere;
+    # "vmapped": both and a column-free input in one batch, where each fix runs
+    # for the whole batch and must change only the inputs that need it).
+    n, k, d = 25, 20, 17 * 1024 + 5
+    rng = np.random.default_rng(7)
+    kinds = ["none", "few", "every_block"] if ties == "vmapped" else [ties]
+    x = np.stack([_two_sided_ties(kind, n, d, rng) for kind in kinds])
+    got = jax.jit(jax.vmap(lambda x: nm.coordinate_mean_around_median(x, k)))(x)
+    for got_i, x_i in zip(got, x, strict=True):
+        np.testing.assert_allclose(
+            got_i, _mean_around_median_oracle(x_i, k), rtol=1e-5, atol=1e-6
+        )
+
+
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_patch_if_runs_the_fix_only_when_asked(vmapped):
+    # Under vmap a lax.cond runs both sides; patch_if must not run the fix when no
+    # input asks for it (counted by a callback), and must fix only those that do.
+    calls = []
+
+    def fix(value, operand):
+        jax.debug.callback(lambda: calls.append(1))
+        return value + operand
+
+    def fn(pred, value):
+        return nm.patch_if(pred, fix, value, 10.0 * value)
+
+    fn = jax.jit(jax.vmap(fn) if vmapped else fn)
+    value = np.arange(1.0, 4.0, dtype=np.float32)
+    if vmapped:
+        clean = fn(np.zeros(3, bool), value)
+        jax.effects_barrier()
+        assert calls == [] and np.array_equal(clean, value)
+        fixed = fn(np.array([False, True, False]), value)
+        np.testing.assert_array_equal(fixed, [1.0, 22.0, 3.0])
     else:
-        x = rng.integers(-3, 4, size=(n, d)).astype(np.float32)
-    got = jax.jit(lambda x: nm.coordinate_mean_around_median(x, k))(x)
-    np.testing.assert_allclose(
-        got, _mean_around_median_oracle(x, k), rtol=1e-5, atol=1e-6
-    )
+        for pred in (False, True):
+            np.testing.assert_array_equal(fn(pred, value), value * (1 + 10 * pred))
+        jax.effects_barrier()
+        assert len(calls) == 1
 
 
 @pytest.mark.parametrize("n,k", [(5, 3), (6, 4), (25, 20), (25, 5), (32, 24), (40, 30)])

@@ -25,6 +25,7 @@ from byzjax._numerics import (
     compute_dtype,
     norms,
     pairwise_sq_dists,
+    patch_if,
     robust_center,
     row_mean,
     smallest_k,
@@ -73,12 +74,14 @@ def nnm(f: int = 0) -> PreAggregator:
         mixing = jnp.zeros((n, n), x.dtype).at[jnp.arange(n)[:, None], near].set(weight)
         # The cleaned copy of x is made only when a distance is not finite, which
         # every row with a non-finite entry causes (a 100 MB copy at (25, 1e6)).
-        return lax.cond(
-            jnp.all(jnp.isfinite(dist)),
-            lambda: jnp.matmul(mixing, x, precision=HIGHEST),
-            lambda: jnp.matmul(
+        return patch_if(
+            ~jnp.all(jnp.isfinite(dist)),
+            lambda _, x, mixing: jnp.matmul(
                 mixing, jnp.where(jnp.isfinite(x), x, 0.0), precision=HIGHEST
             ),
+            jnp.matmul(mixing, x, precision=HIGHEST),
+            x,
+            mixing,
         )
 
     return stateless_pre(fn)
