@@ -457,23 +457,24 @@ def _window_mean(x: jax.Array, k: int) -> jax.Array:
     alone = {*range(n - k), *range(k, n), *mid}  # the window's possible ends, m
     r = ranked_rows(x, cuts=[c for i in alone for c in (i, i + 1)])
     m = r[mid[0]] if n % 2 else 0.5 * (r[mid[0]] + r[mid[1]])
-    # s = the first i with r_(i+k) - m >= m - r_i. Equality there, between two
-    # values, is the one tie the window cannot settle: r_s is in, r_(s+k) out,
-    # equally far, and T0 picks by worker index. (Below s the inequality is
-    # strict; on one side a value further out is further away, exactly, and
-    # where float32 rounds two such deviations equal the window keeps the closer
-    # value, as the float64 oracle does.)
-    start = jnp.zeros(m.shape, jnp.int32)
-    tie = ~jnp.isfinite(m)
+    # i < s exactly when r_(i+k) - m < m - r_i (rounding keeps both sides
+    # monotone in i), so the window holds r_(i+k) then, else r_i. Equality
+    # between two values is the one tie the window cannot settle: at s, r_s is
+    # in, r_(s+k) out, equally far, and T0 picks by worker index. Both sides are
+    # >= 0 (r_i <= m <= r_(i+k)) and equal at 0 only for equal values, so the
+    # ties' sum is > 0 exactly when there is one. (Below s the inequality is
+    # strict; where float32 rounds two deviations of one side equal, the window
+    # keeps the closer value, as the float64 oracle does.) Summing the selected
+    # ends with the middle ranks as one tree, and the ties as a sum, took
+    # 4.6-4.7 against 5.1-5.3 ms for a start count and a chain of or's.
+    ends, ties = [], jnp.zeros_like(m)
     for i in range(n - k):
         up, down = r[i + k] - m, m - r[i]
-        start = start + (up < down).astype(jnp.int32)
-        tie = tie | ((up == down) & (r[i + k] != r[i]))
-    total = sum_rows(lambda i: r[n - k + i], 2 * k - n)
-    for i in range(n - k):
-        total = total + jnp.where(i >= start, r[i], 0.0)
-        total = total + jnp.where(k + i < start + k, r[k + i], 0.0)
-    return jnp.where(tie, jnp.nan, total / k)
+        ends.append(jnp.where(up < down, r[i + k], r[i]))
+        ties = ties + jnp.where(up == down, up, 0.0)
+    window = [*r[n - k : k], *ends]
+    total = sum_rows(lambda i: window[i], k)
+    return jnp.where((ties > 0) | ~jnp.isfinite(m), jnp.nan, total / k)
 
 
 def _mean_around_median_rows(x: jax.Array, k: int) -> jax.Array:
