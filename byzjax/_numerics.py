@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from byzjax import _native
-from byzjax._rows import compute_dtype, promoted_rows, promoted_take
+from byzjax._rows import compute_dtype, promoted_blocks, promoted_rows, promoted_take
 from byzjax._sorting import (
     FULL_NETWORK_MAX_N,
     SELECT_MAX_N,
@@ -398,11 +398,12 @@ def coordinate_mean_around_median(x: jax.Array, k: int) -> jax.Array:
     """
     n = x.shape[0]
     if n > FULL_NETWORK_MAX_N:
-        # A bfloat16 input is promoted whole here, the one rule that still copies
-        # it: with rows converted in the fused loops, XLA:CPU took 4 min 15 s to
-        # compile (100, 1e6) (the median network, then the deviations' network).
-        x = promote(x)
-        return coordinate_mean_around(x, coordinate_median(x), k)
+        # A bfloat16 input is promoted block by block: with its rows converted in
+        # the fused loops, XLA:CPU took 4 min 15 s to compile (100, 1e6) (the
+        # median network, then the deviations' network).
+        return promoted_blocks(
+            lambda x: coordinate_mean_around(x, coordinate_median(x), k), x
+        )
     if 2 * k < n or x.dtype != jnp.float32:
         # bfloat16 has 8 bits of mantissa: its columns tie too often for the
         # window (Gaussian (25, 1e6): more than 16 blocks with a tie, 22.8 ms for

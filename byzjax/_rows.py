@@ -51,3 +51,35 @@ def promoted_take(x: jax.Array, take, count: int) -> list[jax.Array]:
             for j in range(start, min(count, start + _GROUP))
         ]
     return rows
+
+
+# Columns per block of `promoted_blocks`: at (100, 1e6) 4,096 and 16,384 took the
+# same time, with 1.6 and 6.6 MB of temporaries.
+_BLOCK = 4096
+
+
+def promoted_blocks(fn, x: jax.Array) -> jax.Array:
+    """fn(column block of x in `compute_dtype`) -> (width,), one block at a time
+    (fn(x) itself where x is in `compute_dtype` already).
+
+    For a rule whose promoted rows feed a chain of networks that XLA:CPU cannot
+    compile fused (minutes), so that it needs a float32 copy: a copy of each block
+    of `_BLOCK` columns in turn instead of the whole array. The loop body runs on
+    one thread, against two for fused loops; mean-around-median of (100, 1e6)
+    bfloat16 took 342 against 290-298 ms, with 1.6 MB of temporaries against 400.
+    """
+    n, d = x.shape
+    dtype = compute_dtype(x.dtype)
+    if x.dtype == dtype or d <= _BLOCK:
+        return fn(x.astype(dtype))
+
+    def body(j, out):
+        # x tied to the loop's counter: else XLA hoists the conversion of the
+        # whole of x out of the loop (406 MB of temporaries). The last block
+        # overlaps the one before it, so every block has the same width.
+        xj, _ = lax.optimization_barrier((x, j))
+        start = jnp.minimum(j * _BLOCK, d - _BLOCK)
+        block = lax.dynamic_slice_in_dim(xj, start, _BLOCK, axis=1).astype(dtype)
+        return lax.dynamic_update_slice_in_dim(out, fn(block), start, axis=0)
+
+    return lax.fori_loop(0, -(-d // _BLOCK), body, jnp.zeros(d, dtype))

@@ -140,19 +140,11 @@ def test_rule_shape_dtype_and_non_finite_rows(name, dtype):
         assert not bool(jnp.all(jnp.isfinite(out)))
 
 
-# Mean around the median above 32 rows promotes a bfloat16 input whole: with the
-# rows converted in its fused loops XLA:CPU took minutes to compile (documented in
-# `coordinate_mean_around_median`).
-BF16_COPIES = {("mean_around_median", 40)}
-
-
 @pytest.mark.parametrize("n", [25, 40])
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_rule_reads_bfloat16_without_a_float32_copy(name, n):
     """Memory target: input + O(n^2 + d). A float32 copy of a bfloat16 (n, d) input
     is twice its bytes; the rule's temporaries must stay under half of them."""
-    if (name, n) in BF16_COPIES:
-        pytest.skip("documented exception")
     if not byzjax._native.enabled():
         pytest.skip("the distance rules read bfloat16 through the CPU kernels")
     cfg = RULES[name]

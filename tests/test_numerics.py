@@ -3,6 +3,7 @@
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -276,3 +277,33 @@ def test_row_sq_dists_match_numpy_on_every_path(n, d, native, monkeypatch):
         want = ((x.astype(np.float64) - v) ** 2).sum(-1)
     want = np.where(np.isnan(want) | (want > np.finfo(np.float32).max), np.inf, want)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d", [2 * 4096 + 37, 4096, 100])
+def test_promoted_blocks_covers_every_column(d):
+    # Blocks of 4,096 columns, the last one overlapping the one before it: each
+    # column's result must be fn's on the whole promoted array (columns are
+    # independent), and a float32 input goes through fn whole.
+    from byzjax import _rows
+
+    rng = np.random.default_rng(d)
+    x = jnp.asarray(rng.normal(size=(40, d)), jnp.bfloat16)
+    k = 30
+
+    def fn(x):
+        return nm.coordinate_mean_around(x, nm.coordinate_median(x), k)
+
+    got = jax.jit(lambda x: _rows.promoted_blocks(fn, x))(x)
+    want = jax.jit(fn)(x.astype(jnp.float32))
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(
+        got,
+        _mean_around_median_oracle(np.asarray(x, np.float32), k),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    x32 = x.astype(jnp.float32)
+    np.testing.assert_array_equal(
+        jax.jit(lambda x: _rows.promoted_blocks(fn, x))(x32), want
+    )
