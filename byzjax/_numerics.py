@@ -189,7 +189,11 @@ def sort_workers(x: jax.Array) -> jax.Array:
 
 
 def sq_norms(x: jax.Array) -> jax.Array:
-    """Squared Euclidean norms of the rows of an (n, d) array; non-finite -> +Inf."""
+    """Squared Euclidean norms of the rows of an (n, d) array; non-finite -> +Inf.
+
+    A bfloat16 x through the row kernel where it can (no float32 copy)."""
+    if x.dtype != compute_dtype(x.dtype) and kernel_rows(x):
+        return row_sq_dists(x, jnp.zeros(x.shape[1], jnp.float32))
     x = promote(x)
     return nan_to_posinf(jnp.einsum("nd,nd->n", x, x, precision=HIGHEST))
 

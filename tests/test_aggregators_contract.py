@@ -385,6 +385,40 @@ def test_pre_compiles_once_and_f_zero(name):
 
 
 @pytest.mark.parametrize("name", sorted(PRE))
+def test_pre_update_keeps_the_input_dtype_and_wide_update_does_not(name):
+    cfg = PRE[name]
+    pre = aggregators.get_pre(name)(2, **cfg["params"])
+    x = _x(9, jnp.bfloat16, seed=6)
+    state = pre.init(x)
+    y, _ = jax.jit(pre.update)(x, state, pre.default_params)
+    wide, _ = jax.jit(pre.wide_update)(x, state, pre.default_params)
+    assert y.dtype == jnp.bfloat16 and wide.dtype == jnp.float32
+    np.testing.assert_array_equal(y, wide.astype(jnp.bfloat16))
+
+
+# NNM's output is one matrix product, an (n, d) array of its own, and its operand a
+# float32 copy of a bfloat16 input.
+PRE_COPIES = {"nnm"}
+
+
+@pytest.mark.parametrize("rule", ["median", "mean"])
+@pytest.mark.parametrize("name", sorted(PRE))
+def test_pre_reads_bfloat16_without_a_float32_copy(name, rule):
+    """The chain in front of a rule that fuses computed rows: the pre-aggregator's
+    rows stay inside the rule's loop, as in float32."""
+    if name in PRE_COPIES:
+        pytest.skip("documented exception")
+    if not byzjax._native.enabled():
+        pytest.skip("the norms read bfloat16 through the CPU kernels")
+    agg = aggregators.build(rule, f=2, pre=[(name, PRE[name]["params"])])
+    n = 25
+    x = jax.ShapeDtypeStruct((n, 1_000_000), jnp.bfloat16)
+    fn = jax.jit(lambda x: agg.update(x, agg.init(x), agg.default_params)[0])
+    temp = fn.lower(x).compile().memory_analysis().temp_size_in_bytes
+    assert temp < n * 1_000_000 * 2 / 2, f"{temp / 1e6:.1f} MB of temporaries"
+
+
+@pytest.mark.parametrize("name", sorted(PRE))
 def test_pre_pytree_equals_flat(name):
     cfg = PRE[name]
     x = _x(9, seed=6)

@@ -28,6 +28,7 @@ from byzjax._numerics import (
     stack_rows,
     weighted_row_sum,
 )
+from byzjax._rows import promoted_rows
 from byzjax.aggregators._base import Aggregator
 
 
@@ -40,16 +41,20 @@ def clip_rows(x: jax.Array, radius: jax.Array, r: jax.Array | None = None):
     infinite radius is left as it is; a zero row keeps factor 1.
 
     Args:
-      x: (n, d) array.
+      x: (n, d) array (a bfloat16 one is read row by row, promoted).
       radius: scalar or (n,) radii (>= 0).
       r: the row norms when already computed, else None.
 
     Returns:
-      (n, d) array, every row of norm <= its radius (or unchanged if already inside).
+      (n, d) array in `compute_dtype`, every row of norm <= its radius (or
+      unchanged if already inside).
     """
     r = norms(x) if r is None else r
     scale, broken = clip_factors(r, radius)
-    return stack_rows(lambda i: jnp.where(broken[i], 0.0, x[i] * scale[i]), x.shape[0])
+    rows = promoted_rows(x)
+    return stack_rows(
+        lambda i: jnp.where(broken[i], 0.0, rows[i] * scale[i]), len(rows)
+    )
 
 
 def clip_factors(r: jax.Array, radius: jax.Array) -> tuple[jax.Array, jax.Array]:

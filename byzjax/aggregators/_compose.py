@@ -20,7 +20,8 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
     Its params are `{"pre": (params of each pre-aggregator,), "rule": rule params}`
     and its state `(tuple of pre-aggregator states, rule state)`. The rule runs its
     `fused_update` where it has one: it reads the last stage's rows inside their
-    computation instead of from memory.
+    computation instead of from memory. Between stages the rows stay in
+    `compute_dtype` (`wide_update`); the aggregate is returned in the input dtype.
     """
     pres = tuple(pres)
     if not pres:
@@ -39,10 +40,10 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
         new_states = []
         x = grads
         for pre, s, p in zip(pres, pre_states, params["pre"], strict=True):
-            x, s = pre.update(x, s, p)
+            x, s = (pre.wide_update or pre.update)(x, s, p)
             new_states.append(s)
         out, rule_state = rule.computed_update(x, rule_state, params["rule"])
-        return out, (tuple(new_states), rule_state)
+        return out.astype(grads.dtype), (tuple(new_states), rule_state)
 
     default_params = {
         "pre": tuple(p.default_params for p in pres),

@@ -26,13 +26,14 @@ from byzjax._numerics import (
     norms,
     pairwise_sq_dists,
     patch_if,
+    promote,
     robust_center,
-    row_mean,
     smallest_k,
     stack_rows,
-    take_rows,
+    sum_rows,
 )
-from byzjax.aggregators._base import PreAggregator, stateless_pre
+from byzjax._rows import promoted_take
+from byzjax.aggregators._base import PreAggregator, narrowed, stateless_pre
 from byzjax.aggregators._clipping import _required_tau, clip_rows
 
 
@@ -71,7 +72,9 @@ def nnm(f: int = 0) -> PreAggregator:
         # The weights 1/(n - f) go into W: dividing the product would be one more
         # (n, d) pass and copy.
         weight = 1.0 / (n - f)
-        mixing = jnp.zeros((n, n), x.dtype).at[jnp.arange(n)[:, None], near].set(weight)
+        wide = promote(x)  # the product's operand (its output is (n, d) anyway)
+        mixing = jnp.zeros((n, n), wide.dtype)
+        mixing = mixing.at[jnp.arange(n)[:, None], near].set(weight)
         # The cleaned copy of x is made only when a distance is not finite, which
         # every row with a non-finite entry causes (a 100 MB copy at (25, 1e6)).
         return patch_if(
@@ -79,8 +82,8 @@ def nnm(f: int = 0) -> PreAggregator:
             lambda _, x, mixing: jnp.matmul(
                 mixing, jnp.where(jnp.isfinite(x), x, 0.0), precision=HIGHEST
             ),
-            jnp.matmul(mixing, x, precision=HIGHEST),
-            x,
+            jnp.matmul(mixing, wide, precision=HIGHEST),
+            wide,
             mixing,
         )
 
@@ -125,24 +128,31 @@ def bucketing(
         del grads
         return jax.random.PRNGKey(seed)
 
-    def update(grads, state, params):
+    def wide(grads, state, params):
         chex.assert_rank(grads, 2)
         n = grads.shape[0]
-        x = grads.astype(compute_dtype(grads.dtype))
         order = jnp.arange(n)
         if shuffle:
             state, sub = jax.random.split(state)
             order = jax.random.permutation(sub, n)
 
+        # Rows read in place: no permuted (n, d) copy of x, and the next rule
+        # fuses the bucket means. One take for all buckets: bfloat16 rows are
+        # promoted in groups chained from one barrier, and separate takes each
+        # barriered x alike, were merged, and made XLA convert x whole (100 MB).
+        rows = promoted_take(
+            grads,
+            lambda group, j: lax.dynamic_index_in_dim(group, order[j], keepdims=False),
+            n,
+        )
+
         def bucket(t):
-            # Rows read in place (`take_rows`): no permuted (n, d) copy of x, and
-            # the next rule fuses the bucket means.
-            return row_mean(take_rows(x, order[t * s : min(t * s + s, n)]))
+            members = rows[t * s : min(t * s + s, n)]
+            return sum_rows(lambda i: members[i], len(members)) / len(members)
 
-        out = stack_rows(bucket, n_out(n))
-        return out.astype(grads.dtype), state
+        return stack_rows(bucket, n_out(n)), state
 
-    return PreAggregator(init, update, (), n_out)
+    return PreAggregator(init, narrowed(wide), (), n_out, wide)
 
 
 def clipping(f: int = 0, *, tau: float | None = None) -> PreAggregator:
@@ -167,7 +177,7 @@ def clipping(f: int = 0, *, tau: float | None = None) -> PreAggregator:
     tau = _required_tau("clipping", tau)
 
     def fn(x, params):
-        return clip_rows(x, jnp.asarray(params["tau"], x.dtype))
+        return clip_rows(x, jnp.asarray(params["tau"], compute_dtype(x.dtype)))
 
     return stateless_pre(fn, {"tau": tau})
 
@@ -205,10 +215,10 @@ def arc(f: int = 0) -> PreAggregator:
         require(n >= 2 * f + 1, "arc", "n >= 2f + 1", n=n, f=f)
         k = arc_count(n, f)
         if k == 0:
-            return x
+            return promote(x)
         r = norms(x)
         largest, order = lax.top_k(r, k + 1)
-        radius = jnp.full(n, jnp.inf, x.dtype).at[order[:k]].set(largest[k])
+        radius = jnp.full(n, jnp.inf, r.dtype).at[order[:k]].set(largest[k])
         return clip_rows(x, radius, r)
 
     return stateless_pre(fn)
