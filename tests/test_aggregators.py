@@ -216,12 +216,19 @@ def test_pre_aggregator_matches_oracle_bfloat16(name):
     n, f, d = CONFIGS[2]
     params = {"clipping": {"tau": 1.5}, "bucketing": {"shuffle": False}}.get(name, {})
     x, x64 = make_inputs(_seed(name, "bf16"), n, f, d, jnp.bfloat16)
+    pre = aggregators.get_pre(name)(f, **params)
     out = _run_pre(name, f, params)(x)
-    assert out.dtype == jnp.bfloat16
+    # The rows a chain hands on: computed in float32 from the bfloat16 rows, not
+    # rounded, so as close to the float64 oracle as in float32.
+    wide = jax.jit(lambda x: pre.wide_update(x, pre.init(x), pre.default_params)[0])(x)
+    assert out.dtype == jnp.bfloat16 and wide.dtype == jnp.float32
     params.pop("shuffle", None)
     expect = reference.PRE[name](x64, f, **params)
     np.testing.assert_allclose(
         np.asarray(out, np.float64), expect, rtol=BF16_TOL, atol=BF16_TOL
+    )
+    np.testing.assert_allclose(
+        np.asarray(wide, np.float64), expect, rtol=2e-5, atol=2e-5
     )
 
 

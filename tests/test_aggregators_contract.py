@@ -396,8 +396,8 @@ def test_pre_update_keeps_the_input_dtype_and_wide_update_does_not(name):
     np.testing.assert_array_equal(y, wide.astype(jnp.bfloat16))
 
 
-# NNM's output is one matrix product, an (n, d) array of its own, and its operand a
-# float32 copy of a bfloat16 input.
+# NNM's output is one matrix product, an (n, d) float32 array of its own, and its
+# fallback for non-finite rows a cleaned copy of x.
 PRE_COPIES = {"nnm"}
 
 

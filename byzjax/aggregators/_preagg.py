@@ -70,20 +70,27 @@ def nnm(f: int = 0) -> PreAggregator:
         dist = pairwise_sq_dists(x, center=robust_center(x, f))
         _, near = smallest_k(dist, n - f)
         # The weights 1/(n - f) go into W: dividing the product would be one more
-        # (n, d) pass and copy.
+        # (n, d) pass. For bfloat16 W holds ones, exact in bfloat16, and the
+        # product of bfloat16 operands accumulates in float32 with no float32
+        # copy of x (at (25, 1e6): 55 against 87 ms and 100 MB); the weight is
+        # applied to its output.
+        dtype = compute_dtype(x.dtype)
+        narrow = x.dtype != dtype
         weight = 1.0 / (n - f)
-        wide = promote(x)  # the product's operand (its output is (n, d) anyway)
-        mixing = jnp.zeros((n, n), wide.dtype)
-        mixing = mixing.at[jnp.arange(n)[:, None], near].set(weight)
+        mixing = jnp.zeros((n, n), x.dtype if narrow else dtype)
+        mixing = mixing.at[jnp.arange(n)[:, None], near].set(1.0 if narrow else weight)
+
+        def product(x, mixing):
+            out = jnp.matmul(mixing, x, precision=HIGHEST, preferred_element_type=dtype)
+            return out * weight if narrow else out
+
         # The cleaned copy of x is made only when a distance is not finite, which
         # every row with a non-finite entry causes (a 100 MB copy at (25, 1e6)).
         return patch_if(
             ~jnp.all(jnp.isfinite(dist)),
-            lambda _, x, mixing: jnp.matmul(
-                mixing, jnp.where(jnp.isfinite(x), x, 0.0), precision=HIGHEST
-            ),
-            jnp.matmul(mixing, wide, precision=HIGHEST),
-            wide,
+            lambda _, x, mixing: product(jnp.where(jnp.isfinite(x), x, 0.0), mixing),
+            product(x, mixing),
+            x,
             mixing,
         )
 
