@@ -6,6 +6,8 @@ floor measured in the same run on the same array (floor seconds / rule seconds; 
 at the floor). Pre-aggregators are timed chained before `mean`. The rules with a
 read-floor target are timed once more alternated call by call with the floor forms
 (`paired_floor_fraction`): the machine's speed drifts between separate timings.
+With `--vmap B` each rule is also timed `jax.vmap`ped over B inputs of (n, d / B)
+(a sweep's shape) against B calls on them one after the other (`vmap_ratio`).
 
   python benchmarks/aggregators.py --n 25 100 --d 1e5 1e6 \
       --dtype float32 bfloat16 --out benchmarks/results/aggregators.jsonl
@@ -15,7 +17,9 @@ read-floor target are timed once more alternated call by call with the floor for
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +106,33 @@ def paired(name, x, f, repeats: int = 9) -> dict:
     }
 
 
+def vmapped(name, x, f, batch: int, repeats: int) -> dict:
+    """The rule vmapped over `batch` inputs of (n, d // batch), against the same
+    inputs aggregated one call at a time: what a sweep costs beyond its inputs."""
+    n, d = x.shape
+    width = d // batch
+    xb = jnp.stack([x[:, i * width : (i + 1) * width] for i in range(batch)])
+    parts = [jax.block_until_ready(xb[i] + 0) for i in range(batch)]
+    agg = byzjax.aggregators.build(name, f=f, **RULE_PARAMS.get(name, {}))
+    rule = _rule_fn(agg)
+    together = time_jitted(jax.vmap(rule), xb, repeats=repeats)["seconds"]
+    one = jax.jit(rule).lower(parts[0]).compile()
+    jax.block_until_ready(one(parts[0]))
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for part in parts:
+            jax.block_until_ready(one(part))
+        runs.append(time.perf_counter() - start)
+    each = statistics.median(runs)
+    return {
+        "vmap_batch": batch,
+        "vmapped_s": together,
+        "each_s": each,
+        "vmap_ratio": together / each,
+    }
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[25, 100])
@@ -110,6 +141,9 @@ def main(argv=None) -> None:
     p.add_argument("--kinds", nargs="+", default=["rule", "pre", "attack"])
     p.add_argument("--rules", "--names", dest="names", nargs="*", default=[])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--vmap", type=int, default=0, help="also time the rules vmapped over B inputs"
+    )
     p.add_argument(
         "--quick", action="store_true", help="n=25, d=1e5, float32 (a smoke run)"
     )
@@ -160,6 +194,8 @@ def main(argv=None) -> None:
                             )
                             if kind == "rule" and name in FLOOR_RULES:
                                 rec.update(paired(name, x, f))
+                            if kind == "rule" and args.vmap:
+                                rec.update(vmapped(name, x, f, args.vmap, args.repeats))
                         except Exception as err:  # noqa: BLE001 - recorded, go on
                             rec["error"] = f"{type(err).__name__}: {err}"[:300]
                             if "max_subsets" in str(err):  # mda's C(n, f) budget

@@ -130,6 +130,22 @@ def aggregator_tables(rows) -> list[str]:
     return out
 
 
+def vmap_table(rows) -> list[str]:
+    out = [
+        "| name | n | d | dtype | inputs | vmapped ms | one call each ms | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "vmap_ratio" not in r:
+            continue
+        out.append(
+            f"| `{r['name']}` | {r['n']} | {r['d']:.0e} | {r['dtype']} | "
+            f"{r['vmap_batch']} x (n, d / {r['vmap_batch']}) | "
+            f"{_ms(r['vmapped_s'])} | {_ms(r['each_s'])} | {r['vmap_ratio']:.2f} |"
+        )
+    return out + [""]
+
+
 def byzfl_table(rows) -> list[str]:
     out = [
         "| kind | name | n | d | malloc | read floor ms | byzjax ms | ByzFL ms "
@@ -236,13 +252,14 @@ def targets(agg, byzfl, train) -> list[str]:
 
 
 def render() -> str:
-    agg, byzfl, train, ablations = (
+    agg, byzfl, train, ablations, vmapped = (
         load(n)
         for n in (
             "aggregators.jsonl",
             "byzfl.jsonl",
             "train_step.jsonl",
             "ablations.jsonl",
+            "vmapped.jsonl",
         )
     )
     any_row = (agg or byzfl or train or [{}])[0]
@@ -291,6 +308,17 @@ def render() -> str:
     ]
     lines += _commands(agg)
     lines += aggregator_tables(agg)
+    lines += [
+        "## Rules under `jax.vmap` (sweeps)",
+        "",
+        "Each rule vmapped over B inputs of (n, d / B) against the same inputs "
+        "aggregated one call after the other (`--vmap B`): a ratio near 1 means a "
+        "sweep costs no more than its inputs (a `lax.cond` under vmap runs both "
+        "sides; the rules' fallbacks are one-trip loops instead). Commands:",
+        "",
+    ]
+    lines += _commands(vmapped)
+    lines += vmap_table(vmapped)
     lines += [
         "## Against ByzFL 0.0.11 (PyTorch 2.13 CPU), same run",
         "",
