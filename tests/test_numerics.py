@@ -279,6 +279,33 @@ def test_row_sq_dists_match_numpy_on_every_path(n, d, native, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_lazy_cond_runs_only_the_sides_asked_for(vmapped):
+    calls = {"true": 0, "false": 0}
+
+    def side(name, scale):
+        def fn(v):
+            jax.debug.callback(lambda: calls.__setitem__(name, calls[name] + 1))
+            return v * scale
+
+        return fn
+
+    def fn(pred, value):
+        return nm.lazy_cond(pred, side("true", 2.0), side("false", -1.0), value)
+
+    fn = jax.jit(jax.vmap(fn) if vmapped else fn)
+    value = np.arange(1.0, 4.0, dtype=np.float32)
+    preds = [np.ones(3, bool), np.array([True, False, True])] if vmapped else [True]
+    want = [value * 2.0, np.array([2.0, -2.0, 6.0], np.float32)]
+    np.testing.assert_array_equal(fn(preds[0], value), want[0])
+    jax.effects_barrier()
+    assert calls == {"true": 1, "false": 0}
+    if vmapped:
+        np.testing.assert_array_equal(fn(preds[1], value), want[1])
+        jax.effects_barrier()
+        assert calls == {"true": 2, "false": 1}
+
+
 @pytest.mark.parametrize("d", [2 * 4096 + 37, 4096, 100])
 def test_promoted_blocks_covers_every_column(d):
     # Blocks of 4,096 columns, the last one overlapping the one before it: each

@@ -23,9 +23,9 @@ from byzjax._checks import require, static_int
 from byzjax._numerics import (
     HIGHEST,
     compute_dtype,
+    lazy_cond,
     norms,
     pairwise_sq_dists,
-    patch_if,
     promote,
     robust_center,
     smallest_k,
@@ -86,10 +86,10 @@ def nnm(f: int = 0) -> PreAggregator:
 
         # The cleaned copy of x is made only when a distance is not finite, which
         # every row with a non-finite entry causes (a 100 MB copy at (25, 1e6)).
-        return patch_if(
-            ~jnp.all(jnp.isfinite(dist)),
-            lambda _, x, mixing: product(jnp.where(jnp.isfinite(x), x, 0.0), mixing),
-            product(x, mixing),
+        return lazy_cond(
+            jnp.all(jnp.isfinite(dist)),
+            product,
+            lambda x, mixing: product(jnp.where(jnp.isfinite(x), x, 0.0), mixing),
             x,
             mixing,
         )
