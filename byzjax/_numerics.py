@@ -133,6 +133,22 @@ def stack_rows(row, n: int) -> jax.Array:
     return jnp.stack([row(i) for i in range(n)])
 
 
+def write_rows(x: jax.Array) -> jax.Array:
+    """x, computed row by row (`stack_rows`), written out once as one array.
+
+    For a consumer that reads it from memory (the CPU kernels). XLA:CPU fuses a
+    concatenation with the rows' computation up to 8 rows; above, it wrote each
+    row to a buffer of its own and then copied them all (clipping + Krum at
+    (25, 1e6): 196 MB of temporaries, 113 ms). Groups of 4 rows updated in place
+    into one array: 100 MB, 58 ms (25.3 against 29.9 ms with the malloc
+    tunables; groups of 8 took 80 ms, single rows 60 ms).
+    """
+    out = jnp.zeros_like(x)
+    for start in range(0, x.shape[0], 4):
+        out = lax.dynamic_update_slice(out, x[start : start + 4], (start, 0))
+    return out
+
+
 def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
     """x[idx] in `compute_dtype`, for a static number of traced row indices, built
     row by row.

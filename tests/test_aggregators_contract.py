@@ -396,6 +396,38 @@ def test_pre_update_keeps_the_input_dtype_and_wide_update_does_not(name):
     np.testing.assert_array_equal(y, wide.astype(jnp.bfloat16))
 
 
+STORED = sorted(
+    name
+    for name, cfg in RULES.items()
+    if aggregators.build(name, f=cfg["f"], **cfg["params"]).stored
+)
+
+
+@pytest.mark.parametrize("pre", ["clipping", "bucketing"])
+@pytest.mark.parametrize("name", STORED)
+def test_chain_writes_computed_rows_out_once_for_a_stored_rule(name, pre):
+    """A rule that reads its rows from memory gets a pre-aggregator's rows as one
+    array written once (`write_rows`), not each row and then their copy, and the
+    same aggregate as on the rows stored beforehand."""
+    cfg = RULES[name]
+    f = 2 if name == "mda" else cfg["f"]
+    params = PRE[pre]["params"]
+    agg = aggregators.build(name, f=f, pre=[(pre, params)], **cfg["params"])
+    n, d = 25, 1_000_000
+    x = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    fn = jax.jit(lambda x: agg.update(x, agg.init(x), agg.default_params)[0])
+    temp = fn.lower(x).compile().memory_analysis().temp_size_in_bytes
+    n_out = aggregators.get_pre(pre)(f, **params).n_out(n)
+    assert temp < 1.1 * n_out * d * 4, f"{temp / 1e6:.1f} MB of temporaries"
+    rule = aggregators.build(name, f=f, **cfg["params"])
+    pre_agg = aggregators.get_pre(pre)(f, **params)
+    small = _x(25, seed=8)
+    rows, _ = jax.jit(pre_agg.wide_update)(small, pre_agg.init(small), params)
+    want = jax.jit(lambda r: rule.update(r, rule.init(r), rule.default_params)[0])(rows)
+    got = jax.jit(lambda x: agg.update(x, agg.init(x), agg.default_params)[0])(small)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 # NNM's output is one matrix product, an (n, d) float32 array of its own, and its
 # fallback for non-finite rows a cleaned copy of x.
 PRE_COPIES = {"nnm"}

@@ -105,7 +105,7 @@ def bulyan(f: int = 0) -> Aggregator:
         chosen = take_rows(x, jnp.sort(bulyan_selection(x, f, theta)))
         return coordinate_mean_around(chosen, coordinate_median(chosen), theta - 2 * f)
 
-    return stateless(fn, promote=False)
+    return stateless(fn, promote=False, stored=True)
 
 
 RULES = {"bulyan": bulyan}

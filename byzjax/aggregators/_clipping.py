@@ -152,7 +152,7 @@ def centered_clipping(
         v = lax.fori_loop(0, iterations, step, state.astype(dtype))
         return v.astype(grads.dtype), v
 
-    return Aggregator(init, update, {"tau": tau})
+    return Aggregator(init, update, {"tau": tau}, stored=True)
 
 
 RULES = {"centered_clipping": centered_clipping}

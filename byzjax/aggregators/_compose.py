@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
+from byzjax._numerics import write_rows
 from byzjax.aggregators._base import Aggregator, PreAggregator
 
 
@@ -22,6 +23,8 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
     `fused_update` where it has one: it reads the last stage's rows inside their
     computation instead of from memory. Between stages the rows stay in
     `compute_dtype` (`wide_update`); the aggregate is returned in the input dtype.
+    A rule that reads its rows from memory (`Aggregator.stored`) gets them written
+    out once (`write_rows`).
     """
     pres = tuple(pres)
     if not pres:
@@ -42,6 +45,8 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
         for pre, s, p in zip(pres, pre_states, params["pre"], strict=True):
             x, s = (pre.wide_update or pre.update)(x, s, p)
             new_states.append(s)
+        if rule.stored and not pres[-1].one_array:
+            x = write_rows(x)
         out, rule_state = rule.computed_update(x, rule_state, params["rule"])
         return out.astype(grads.dtype), (tuple(new_states), rule_state)
 

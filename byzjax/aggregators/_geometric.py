@@ -173,7 +173,7 @@ def geometric_median(
 
         return lax.fori_loop(0, iterations, step, z0)
 
-    return stateless(fn, {"nu": nu}, promote=False)
+    return stateless(fn, {"nu": nu}, promote=False, stored=True)
 
 
 RULES = {"geometric_median": geometric_median}

@@ -99,7 +99,7 @@ def krum(
         k = _neighbours("krum", x.shape[0], f, neighbors, variant)
         return x[jnp.argmin(krum_scores(x, k, f))]
 
-    return stateless(fn, promote=False)
+    return stateless(fn, promote=False, stored=True)
 
 
 def multi_krum(
@@ -153,7 +153,7 @@ def multi_krum(
         w = jnp.zeros(n, compute_dtype(x.dtype)).at[chosen].set(1.0 / count)
         return weighted_row_sum(w, x, jnp.isfinite(scores) | (w > 0))
 
-    return stateless(fn, promote=False)
+    return stateless(fn, promote=False, stored=True)
 
 
 RULES = {"krum": krum, "multi_krum": multi_krum}

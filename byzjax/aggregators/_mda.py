@@ -85,7 +85,7 @@ def mda(f: int = 0, *, max_subsets: int = 2_000_000) -> Aggregator:
         best = jnp.argmin(diam)
         return row_mean(take_rows(x, jnp.asarray(table)[best].astype(jnp.int32)))
 
-    return stateless(fn, promote=False)
+    return stateless(fn, promote=False, stored=True)
 
 
 def _diameters(dist, table: np.ndarray):

@@ -94,7 +94,7 @@ def nnm(f: int = 0) -> PreAggregator:
             mixing,
         )
 
-    return stateless_pre(fn)
+    return stateless_pre(fn, one_array=True)
 
 
 def bucketing(
