@@ -112,6 +112,8 @@ def vmapped(name, x, f, batch: int, repeats: int) -> dict:
     n, d = x.shape
     width = d // batch
     xb = jnp.stack([x[:, i * width : (i + 1) * width] for i in range(batch)])
+    # Each input its own stored array, as a caller would pass it (`+ 0`: not a
+    # view of xb).
     parts = [jax.block_until_ready(xb[i] + 0) for i in range(batch)]
     agg = byzjax.aggregators.build(name, f=f, **RULE_PARAMS.get(name, {}))
     rule = _rule_fn(agg)

@@ -156,12 +156,18 @@ def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
     Consumers that read rows (sorting networks, `sum_rows`) fuse the dynamic row
     reads instead of a (k, d) gathered copy.
     """
-    rows = promoted_take(
+    return jnp.stack(taken_rows(x, idx))
+
+
+def taken_rows(x: jax.Array, idx: jax.Array) -> list[jax.Array]:
+    """[x[idx[0]], x[idx[1]], ...] in `compute_dtype`, one take for all of them:
+    bfloat16 rows are promoted in groups chained from one barrier (separate takes
+    each barriered x alike, the barriers were merged, and XLA converted x whole)."""
+    return promoted_take(
         x,
         lambda group, j: lax.dynamic_index_in_dim(group, idx[j], keepdims=False),
         idx.shape[0],
     )
-    return jnp.stack(rows)
 
 
 def weighted_row_sum(w: jax.Array, x: jax.Array, keep: jax.Array) -> jax.Array:

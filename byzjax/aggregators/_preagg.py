@@ -31,8 +31,8 @@ from byzjax._numerics import (
     smallest_k,
     stack_rows,
     sum_rows,
+    taken_rows,
 )
-from byzjax._rows import promoted_take
 from byzjax.aggregators._base import PreAggregator, narrowed, stateless_pre
 from byzjax.aggregators._clipping import _required_tau, clip_rows
 
@@ -144,14 +144,9 @@ def bucketing(
             order = jax.random.permutation(sub, n)
 
         # Rows read in place: no permuted (n, d) copy of x, and the next rule
-        # fuses the bucket means. One take for all buckets: bfloat16 rows are
-        # promoted in groups chained from one barrier, and separate takes each
-        # barriered x alike, were merged, and made XLA convert x whole (100 MB).
-        rows = promoted_take(
-            grads,
-            lambda group, j: lax.dynamic_index_in_dim(group, order[j], keepdims=False),
-            n,
-        )
+        # fuses the bucket means. One take for all buckets (`taken_rows`): one
+        # take per bucket made XLA convert a bfloat16 x whole (100 MB).
+        rows = taken_rows(grads, order)
 
         def bucket(t):
             members = rows[t * s : min(t * s + s, n)]
