@@ -15,11 +15,14 @@ import reference
 
 import byzjax
 from byzjax import aggregators
+from byzjax.aggregators import _geometric
 
 # (n, f, d): odd and even n, d = 1 and d > n, every rule's precondition holds.
 CONFIGS = [(7, 1, 5), (12, 2, 1), (15, 3, 17)]
 
 # (rule, builder params, oracle params when they differ from the builder's).
+GM_DEFAULT = {"init": "median", "nu": 1e-6, "relative_nu": True, "iterations": 8}
+
 RULE_CASES = [
     ("mean", {}, None),
     ("median", {}, None),
@@ -50,6 +53,19 @@ RULE_CASES = [
         "geometric_median",
         {"preset": "karimireddy"},
         {"init": "zero", "nu": 0.1, "relative_nu": False, "iterations": 8},
+    ),
+    # Both routes of the CPU kernels ("auto" takes the Gram one at these n).
+    ("geometric_median", {"route": "direct"}, GM_DEFAULT),
+    ("geometric_median", {"route": "gram"}, GM_DEFAULT),
+    (
+        "geometric_median",
+        {"preset": "byzfl", "route": "direct"},
+        {"init": "zero", "nu": 0.1, "relative_nu": False, "iterations": 3},
+    ),
+    (
+        "geometric_median",
+        {"preset": "rfa", "route": "direct"},
+        {"init": "mean", "nu": 1e-6, "relative_nu": False, "iterations": 4},
     ),
     ("centered_clipping", {"tau": 1.0}, None),
     ("centered_clipping", {"tau": 0.5, "iterations": 3}, None),
@@ -322,3 +338,56 @@ def test_clipping_tau_vmaps():
         np.testing.assert_allclose(
             row, reference.clipping(x64, 1, tau=tau), rtol=2e-5, atol=2e-5
         )
+
+
+def _gm_gram_check(x, preset):
+    """gram_steps' accuracy flag on x, as the rule computes it."""
+    init, nu, relative, iterations = _geometric.PRESETS[preset]
+    x = jnp.asarray(x)
+    centre = byzjax._numerics.coordinate_median(x) if init == "median" else None
+    g, q = byzjax._native.gram(x, centre)
+    floor = nu * max(1.0, float(np.median(np.sqrt(q)))) if relative else nu
+    return bool(_geometric.gram_steps(g, init, jnp.float32(floor), iterations)[1])
+
+
+@pytest.mark.skipif(not byzjax._native.enabled(), reason="the CPU kernels' route")
+def test_geometric_median_gram_route_falls_back_when_inexact():
+    # Rows sharing a mean 1e4 times their spread, ByzFL's zero start: the
+    # uncentred Gram matrix cannot give their distances (its rounding is larger
+    # than they are), so the route takes the direct steps, bit for bit.
+    rng = np.random.default_rng(21)
+    n, f, d = 9, 2, 1000
+    x = (1e4 + rng.normal(size=(n, d))).astype(np.float32)
+    assert not _gm_gram_check(x, "byzfl")
+    gram = _run_rule("geometric_median", f, {"preset": "byzfl", "route": "gram"})(x)
+    direct = _run_rule("geometric_median", f, {"preset": "byzfl", "route": "direct"})
+    np.testing.assert_array_equal(gram, direct(x))
+    want = reference.geometric_median(
+        x.astype(np.float64), f, init="zero", nu=0.1, relative_nu=False, iterations=3
+    )
+    # Deviations from the shared mean (float32 resolves 1e4 to 1e-3).
+    np.testing.assert_allclose(np.asarray(gram, np.float64) - 1e4, want - 1e4, atol=4e-3)
+
+
+@pytest.mark.skipif(not byzjax._native.enabled(), reason="the CPU kernels' route")
+@pytest.mark.parametrize("scale", [1e2, 1e8, 1e15])
+def test_geometric_median_gram_route_exact_with_far_byzantine_rows(scale):
+    # Centred on the coordinate-wise median, the Gram matrix stays exact however
+    # far the Byzantine rows are (the pairwise-distance identity lost up to 75 %
+    # of the honest distances at 1e8): the route keeps it and matches the oracle.
+    rng = np.random.default_rng(int(np.log10(scale)))
+    n, f, d = 11, 3, 2000
+    x = (2.0 + rng.normal(size=(n, d))).astype(np.float32)
+    x[:f] = scale * rng.normal(size=(f, d))
+    assert _gm_gram_check(x, "byzjax")
+    out = _run_rule("geometric_median", f, {"route": "gram"})(x)
+    want = reference.geometric_median(x.astype(np.float64), f, **GM_DEFAULT)
+    tol = F32_TOL["geometric_median"]
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("preset", ["byzjax", "byzfl"])
+def test_geometric_median_gram_route_kept_on_ordinary_rows(preset):
+    # The inputs of the oracle tests: the Gram route is the one they check.
+    x, _ = make_inputs(_seed("gm-route", preset), 25, 5, 200)
+    assert _gm_gram_check(x, preset)

@@ -75,6 +75,7 @@ BAD_ARGS = {
         {"init": "nope"},
         {"nu": 0.0},
         {"iterations": 0},
+        {"route": "nope"},
     ],
     "centered_clipping": [{}, {"tau": -1.0}, {"tau": 1.0, "iterations": 0}],
     "mda": [{"max_subsets": 0}],
@@ -418,7 +419,9 @@ def test_chain_writes_computed_rows_out_once_for_a_stored_rule(name, pre):
     fn = jax.jit(lambda x: agg.update(x, agg.init(x), agg.default_params)[0])
     temp = fn.lower(x).compile().memory_analysis().temp_size_in_bytes
     n_out = aggregators.get_pre(pre)(f, **params).n_out(n)
-    assert temp < 1.1 * n_out * d * 4, f"{temp / 1e6:.1f} MB of temporaries"
+    # The rows once, plus up to three (d,) vectors (a start, an iterate, the
+    # result): a second copy of the rows would be n_out of them.
+    assert temp < (n_out + 3) * d * 4, f"{temp / 1e6:.1f} MB of temporaries"
     rule = aggregators.build(name, f=f, **cfg["params"])
     pre_agg = aggregators.get_pre(pre)(f, **params)
     small = _x(25, seed=8)

@@ -183,6 +183,91 @@ def test_kernels_differentiate_like_their_formulas():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def _want_gram(x64, c):
+    y = x64 if c is None else x64 - c.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return y @ y.T, (x64**2).sum(-1)
+
+
+@pytest.mark.parametrize(
+    "n,d", [(1, 5), (2, 1), (4, 9), (7, 100), (13, 2053), (26, 30001), (25, 70003)]
+)
+@pytest.mark.parametrize("centred", [False, True], ids=["plain", "centred"])
+@pytest.mark.parametrize("bad", [0, 3])
+@X_DTYPES
+def test_gram_kernel_matches_numpy(n, d, centred, bad, dtype):
+    # (26, 30001): edge tiles of 2 and 1 rows, a 1-column tail; (25, 70003): two
+    # threads, several 10,480-column blocks and 512-column runs, a 3-column tail.
+    # The NaN / Inf / 1e38 rows flow into their own row and column only.
+    x, c = _inputs(n * d + 3, n, d, min(bad, n - 1), dtype)
+    x64 = _wide(x)
+    c = c if centred else None
+    g, q = _jit(_native.gram)(x, c)
+    assert g.dtype == q.dtype == jnp.float32 and g.shape == (n, n) and q.shape == (n,)
+    want_g, want_q = _want_gram(x64, c)
+    ok = np.isfinite(x64).all(1) & (np.abs(x64) < 1e30).all(1)
+    scale = np.abs(want_g[np.ix_(ok, ok)]).max(initial=1.0)
+    np.testing.assert_allclose(
+        np.asarray(g)[np.ix_(ok, ok)], want_g[np.ix_(ok, ok)], rtol=1e-5,
+        atol=1e-6 * scale,
+    )
+    np.testing.assert_allclose(np.asarray(q)[ok], want_q[ok], rtol=1e-5)
+    assert not np.isfinite(np.diagonal(np.asarray(g))[~ok]).any()
+    assert not np.isfinite(np.asarray(q)[~ok]).any()
+    assert np.array_equal(np.asarray(g), np.asarray(g).T, equal_nan=True)
+
+
+def test_gram_kernel_error_within_its_bound():
+    # Rows of one repeated value each, uncentred: every addition in a float32 lane
+    # rounds alike, the worst case for long sums. The entries' errors stay under
+    # gram_error |x_i| |x_j|, the bound the geometric median's Gram route relies
+    # on (summed in float32 over whole blocks instead of 512-column runs, they
+    # were 119 units of rounding against its 68).
+    n, d = 9, 200_003
+    x = np.repeat(370.37 * (1.0 + 0.01 * np.arange(n, dtype=np.float32)), d)
+    x = x.reshape(n, d).astype(np.float32)
+    g = np.asarray(_jit(_native.gram)(x)[0], np.float64)
+    want, _ = _want_gram(x.astype(np.float64), None)
+    size = np.sqrt(np.diagonal(want))
+    # gram_error(0): the kernel's own part, without the caller's products.
+    assert (np.abs(g - want) <= _native.gram_error(0) * np.outer(size, size)).all()
+
+
+@X_DTYPES
+def test_gram_kernel_vmaps_and_differentiates(dtype):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 3, 6, 41)).astype(dtype)
+    c = rng.normal(size=(2, 3, 41)).astype(np.float32)
+    g, q = jax.jit(jax.vmap(jax.vmap(_native.gram)))(x, c)
+    g0, _ = jax.jit(jax.vmap(jax.vmap(_native.gram)))(x)
+    for a in range(2):
+        for b in range(3):
+            want_g, want_q = _want_gram(_wide(x[a, b]), c[a, b])
+            np.testing.assert_allclose(g[a, b], want_g, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(q[a, b], want_q, rtol=1e-5)
+            np.testing.assert_allclose(
+                g0[a, b], _want_gram(_wide(x[a, b]), None)[0], rtol=1e-5, atol=1e-5
+            )
+    xs = rng.normal(size=(5, 19)).astype(np.float32)
+    cs = rng.normal(size=19).astype(np.float32)
+    w, u = rng.normal(size=(5, 5)), rng.normal(size=5)
+
+    def plain(x, c):
+        y = x - c
+        return y @ y.T, (x**2).sum(-1)
+
+    def loss(gram):
+        return lambda x, c: (gram(x, c)[0] * w).sum() + gram(x, c)[1] @ u
+
+    got = jax.grad(loss(_native.gram), (0, 1))(xs, cs)
+    want = jax.grad(loss(plain), (0, 1))(xs, cs)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    got = jax.grad(lambda x: (_native.gram(x)[0] * w).sum())(xs)
+    want = jax.grad(lambda x: ((x @ x.T) * w).sum())(xs)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def _row_inputs(seed, n, d, dtype=jnp.bfloat16):
     # Normal values, exact zeros of both signs, and NaN / +-Inf / 1e37 entries,
     # rounded to `dtype` (the float64 oracle reads the same rounded values).
@@ -416,6 +501,7 @@ def test_bfloat16_kernels_make_no_float32_copy():
         "step": lambda x: _native.step_sq_dists(
             x, jnp.zeros(d, jnp.float32), jnp.full(n, 1.0 / n, jnp.float32)
         ),
+        "gram": lambda x: _native.gram(x, jnp.zeros(d, jnp.float32)),
     }
     for name, fn in calls.items():
         assert temp_bytes(fn) < size, name

@@ -45,9 +45,11 @@ _TARGETS = {
     "byzjax_pairwise_sq_dists": "ByzjaxPairwiseSqDists",
     "byzjax_row_sq_dists": "ByzjaxRowSqDists",
     "byzjax_step_sq_dists": "ByzjaxStepSqDists",
+    "byzjax_gram": "ByzjaxGram",
     "byzjax_pairwise_sq_dists_bf16": "ByzjaxPairwiseSqDistsBf16",
     "byzjax_row_sq_dists_bf16": "ByzjaxRowSqDistsBf16",
     "byzjax_step_sq_dists_bf16": "ByzjaxStepSqDistsBf16",
+    "byzjax_gram_bf16": "ByzjaxGramBf16",
     "byzjax_bf16_rows": "ByzjaxBf16Rows",
     "byzjax_f32_rows": "ByzjaxF32Rows",
 }
@@ -178,6 +180,59 @@ def _step_jvp(distances, primals, tangents):
         "...nd,...d->...n", diff, dzn, precision=hi
     )
     return (zn, r), (dzn, 2.0 * dr if distances else jnp.zeros_like(r))
+
+
+@jax.custom_jvp
+def gram(x: jax.Array, c: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The Gram matrix of the rows centred on c, and the rows' squared norms, in
+    one read of a (..., n, d) float32 or bfloat16 array.
+
+    G_ij = sum_k (x_ik - c_k)(x_jk - c_k) (c = 0 when None) and q_i = ||x_i||^2,
+    in float32: products summed in float32 over runs of 512 columns, then in
+    float64 (`gram_error`). c (..., d) is float32. Returns (G, q).
+    """
+    if c is None:
+        c = jnp.zeros(x.shape[:-2] + (0,), jnp.float32)
+    target = _distance_target("gram", x, c=c)
+    n = x.shape[-2]
+    out = (
+        jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32),
+        jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32),
+    )
+    call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
+    return tuple(call(x, c))
+
+
+_UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
+
+# Relative error bound of the distance kernels' squared distances (`row_sq_dists`,
+# `step_sq_dists`): each float32 lane sums 2,048 non-negative terms (blocks of
+# 32,768 columns over 16 lanes) before the float64 sum of the blocks.
+DIRECT_SQ_ERROR = 2048 * _UNIT_ROUNDOFF
+
+
+def gram_error(n: int) -> float:
+    """A bound on the rounding error of a quantity computed from `gram`'s entries,
+    relative to sum_ij |w_i w_j| |y_i| |y_j| (y the centred rows): a run of 64
+    sums in each float32 lane, the lanes' and the rounding to float32 (3 + 1),
+    and 3n float32 operations of the caller's products of G with (n,) vectors
+    (the geometric median's distances)."""
+    return (512 // 8 + 4 + 3 * n) * _UNIT_ROUNDOFF
+
+
+@gram.defjvp
+def _gram_jvp(primals, tangents):
+    # dG = (dx - dc)(x - c)^T + (x - c)(dx - dc)^T, dq_i = 2 x_i.dx_i.
+    (x, c), (dx, dc) = primals, tangents
+    g, q = gram(x, c)
+    hi = lax.Precision.HIGHEST
+    x, dx = x.astype(jnp.float32), dx.astype(jnp.float32)
+    y, dy = x, dx
+    if c is not None:
+        y, dy = x - c[..., None, :], dx - dc[..., None, :]
+    p = jnp.einsum("...id,...jd->...ij", dy, y, precision=hi)
+    dq = 2.0 * jnp.einsum("...nd,...nd->...n", x, dx, precision=hi)
+    return (g, q), (p + jnp.swapaxes(p, -1, -2), dq)
 
 
 # Modes of `row_rule`: which rule it computes.

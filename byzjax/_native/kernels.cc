@@ -237,25 +237,30 @@ void tile(const T* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
 // cycle (of Zen 3's 6), and on the data it runs at ~50-60 % of that.
 constexpr int kRows = 3, kCols = 3;
 
-template <typename T, int R, int C>
-void tile_cols(const T* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
-               int cols, int64_t lo, int64_t hi, double* acc) {
-  if constexpr (C > 1) {
-    if (cols < C) return tile_cols<T, R, C - 1>(x, d, n, i0, j0, cols, lo, hi, acc);
+// Runs kernel.run<R', C'>(i0, j0, lo, hi) for a tile of rows x cols rows (at most
+// R x C): the tiles at the edges of the triangle are smaller.
+template <int R, int C, typename Kernel>
+void run_tile(const Kernel& kernel, int rows, int cols, int64_t i0, int64_t j0,
+              int64_t lo, int64_t hi) {
+  if constexpr (R > 1) {
+    if (rows < R) return run_tile<R - 1, C>(kernel, rows, cols, i0, j0, lo, hi);
   }
-  tile<T, R, C>(x, d, n, i0, j0, lo, hi, acc);
+  if constexpr (C > 1) {
+    if (cols < C) return run_tile<R, C - 1>(kernel, rows, cols, i0, j0, lo, hi);
+  }
+  kernel.template run<R, C>(i0, j0, lo, hi);
 }
 
-template <typename T, int R>
-void tile_any(const T* x, int64_t d, int64_t n, int64_t i0, int64_t j0,
-              int rows, int cols, int64_t lo, int64_t hi, double* acc) {
-  if constexpr (R > 1) {
-    if (rows < R) {
-      return tile_any<T, R - 1>(x, d, n, i0, j0, rows, cols, lo, hi, acc);
-    }
+template <typename T>
+struct DistanceTiles {
+  const T* x;
+  int64_t d, n;
+  double* acc;
+  template <int R, int C>
+  void run(int64_t i0, int64_t j0, int64_t lo, int64_t hi) const {
+    tile<T, R, C>(x, d, n, i0, j0, lo, hi, acc);
   }
-  tile_cols<T, R, kCols>(x, d, n, i0, j0, cols, lo, hi, acc);
-}
+};
 
 // Upper triangle (i < j) of D for one (n, d) matrix, columns [lo, hi), into acc.
 template <typename T>
@@ -270,7 +275,8 @@ void pairwise_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi,
       // j <= i land on or below the diagonal and are never read.
       for (int64_t j0 = i0 + 1; j0 < n; j0 += kCols) {
         const int cols = static_cast<int>(std::min<int64_t>(kCols, n - j0));
-        tile_any<T, kRows>(x, d, n, i0, j0, rows, cols, k0, k1, acc);
+        run_tile<kRows, kCols>(DistanceTiles<T>{x, d, n, acc}, rows, cols, i0, j0,
+                               k0, k1);
       }
     }
   }
@@ -318,6 +324,213 @@ ffi::Error PairwiseSqDistsImpl(ffi::Buffer<DT> x, ffi::ResultBuffer<ffi::F32> ou
         for (auto& a : acc) s += a[i * n + j];
         ob[i * n + j] = ob[j * n + i] = static_cast<float>(s);
       }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// The Gram matrix of the rows centred on a vector c, and the rows' squared norms,
+// in one read of x:
+//   G_ij = sum_k (x_ik - c_k)(x_jk - c_k),   q_i = sum_k x_ik^2.
+// Without c (an empty operand), G is the plain Gram matrix and q its diagonal.
+// Products are summed in float32 lanes over runs of kGramRun columns, then in
+// float64, so that the error of an entry is at most about (kGramRun / 8 + 3)
+// float32 roundings of sum_k |(x_ik - c_k)(x_jk - c_k)|: the geometric median's
+// Gram route (byzjax/aggregators/_geometric.py) bounds its error with that.
+constexpr int64_t kGramRun = 512;
+
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+// The 3 x 3 Gram tile's vector loop over `bytes` bytes of each row, c subtracted
+// when given: the six rows and c loaded once a step, the nine multiply-adds from
+// registers. GCC's loop folded the held rows' loads into the multiply-adds (12
+// loads a step, load-bound: 8.4 ms at (25, 1e6)), and pinning them in registers
+// made it spill its accumulators.
+template <bool Centred>
+inline void gram33_asm(const float* a0, const float* a1, const float* a2,
+                       const float* b0, const float* b1, const float* b2,
+                       const float* c, int64_t bytes, v8 (*s)[3]) {
+  v8 s0 = s[0][0], s1 = s[1][0], s2 = s[2][0], s3 = s[0][1], s4 = s[1][1],
+     s5 = s[2][1], s6 = s[0][2], s7 = s[1][2], s8 = s[2][2];
+  int64_t k = 0;
+#define BYZJAX_GRAM_COLUMN(b, t0, t1, t2)          \
+  "vmovups (%[" b "],%[k]), %%ymm12\n\t"           \
+  CENTRE("%%ymm12")                                \
+  "vfmadd231ps %%ymm12, %%ymm9, %[" t0 "]\n\t"     \
+  "vfmadd231ps %%ymm12, %%ymm10, %[" t1 "]\n\t"    \
+  "vfmadd231ps %%ymm12, %%ymm11, %[" t2 "]\n\t"
+#define BYZJAX_GRAM_LOOP                                                     \
+  asm volatile(                                                              \
+      "1:\n\t"                                                               \
+      LOAD_CENTRE                                                            \
+      "vmovups (%[a0],%[k]), %%ymm9\n\t" CENTRE("%%ymm9")                    \
+      "vmovups (%[a1],%[k]), %%ymm10\n\t" CENTRE("%%ymm10")                  \
+      "vmovups (%[a2],%[k]), %%ymm11\n\t" CENTRE("%%ymm11")                  \
+      BYZJAX_GRAM_COLUMN("b0", "s0", "s1", "s2")                             \
+      BYZJAX_GRAM_COLUMN("b1", "s3", "s4", "s5")                             \
+      BYZJAX_GRAM_COLUMN("b2", "s6", "s7", "s8")                             \
+      "addq $32, %[k]\n\t"                                                   \
+      "cmpq %[n], %[k]\n\t"                                                  \
+      "jl 1b\n\t"                                                            \
+      : [k] "+r"(k), [s0] "+x"(s0), [s1] "+x"(s1), [s2] "+x"(s2),            \
+        [s3] "+x"(s3), [s4] "+x"(s4), [s5] "+x"(s5), [s6] "+x"(s6),          \
+        [s7] "+x"(s7), [s8] "+x"(s8)                                         \
+      : [a0] "r"(a0), [a1] "r"(a1), [a2] "r"(a2), [b0] "r"(b0), [b1] "r"(b1), \
+        [b2] "r"(b2), [c] "r"(c), [n] "r"(bytes)                             \
+      : "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "cc", "memory")
+  if constexpr (Centred) {
+#define LOAD_CENTRE "vmovups (%[c],%[k]), %%ymm13\n\t"
+#define CENTRE(r) "vsubps %%ymm13, " r ", " r "\n\t"
+    BYZJAX_GRAM_LOOP;
+#undef LOAD_CENTRE
+#undef CENTRE
+  } else {
+#define LOAD_CENTRE
+#define CENTRE(r)
+    BYZJAX_GRAM_LOOP;
+#undef LOAD_CENTRE
+#undef CENTRE
+  }
+#undef BYZJAX_GRAM_LOOP
+#undef BYZJAX_GRAM_COLUMN
+  s[0][0] = s0, s[1][0] = s1, s[2][0] = s2, s[0][1] = s3, s[1][1] = s4;
+  s[2][1] = s5, s[0][2] = s6, s[1][2] = s7, s[2][2] = s8;
+}
+#endif
+
+typedef double v4d __attribute__((vector_size(32)));
+
+// acc[(i0 + r) * stride + j0 + j] += sum over columns [lo, hi) of
+// (x_(i0+r) - c)(x_(j0+j) - c) for the R x C tile (c = 0 unless Centred).
+template <typename T, int R, int C, bool Centred>
+void gram_tile(const T* x, const float* c, int64_t d, int64_t stride, int64_t i0,
+               int64_t j0, int64_t lo, int64_t hi, double* acc) {
+  v4d wide[R][C][2] = {};
+  const int64_t end = lo + (hi - lo) / 8 * 8;
+  for (int64_t r0 = lo; r0 < end; r0 += kGramRun) {
+    const int64_t r1 = std::min(end, r0 + kGramRun);
+    v8 s[R][C] = {};
+    int64_t k = r0;
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+    if constexpr (std::is_same_v<T, float> && R == 3 && C == 3) {  // bfloat16: below
+      gram33_asm<Centred>(x + i0 * d + r0, x + (i0 + 1) * d + r0,
+                          x + (i0 + 2) * d + r0, x + j0 * d + r0,
+                          x + (j0 + 1) * d + r0, x + (j0 + 2) * d + r0,
+                          Centred ? c + r0 : nullptr, (r1 - r0) * 4, s);
+      k = r1;
+    }
+#endif
+    for (; k < r1; k += 8) {
+      v8 a[R];
+      for (int r = 0; r < R; ++r) a[r] = load_row(x + (i0 + r) * d + k);
+      if constexpr (Centred) {
+        const v8 ck = load8(c + k);
+        for (int r = 0; r < R; ++r) a[r] -= ck;
+      }
+      for (int j = 0; j < C; ++j) {
+        v8 b = load_row(x + (j0 + j) * d + k);
+        if constexpr (Centred) b -= load8(c + k);
+        for (int r = 0; r < R; ++r) s[r][j] += a[r] * b;
+      }
+    }
+    // The run's lanes into float64 lanes: a run's rounding stays within it.
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < C; ++j) {
+        wide[r][j][0] += __builtin_convertvector(
+            __builtin_shufflevector(s[r][j], s[r][j], 0, 1, 2, 3), v4d);
+        wide[r][j][1] += __builtin_convertvector(
+            __builtin_shufflevector(s[r][j], s[r][j], 4, 5, 6, 7), v4d);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < C; ++j) {
+      double total = 0.0;
+      for (int l = 0; l < 4; ++l) total += wide[r][j][0][l] + wide[r][j][1][l];
+      for (int64_t t = end; t < hi; ++t) {
+        const double ct = Centred ? c[t] : 0.0;
+        total += (to_float(x[(i0 + r) * d + t]) - ct) *
+                 (to_float(x[(j0 + j) * d + t]) - ct);
+      }
+      acc[(i0 + r) * stride + j0 + j] += total;
+    }
+  }
+}
+
+template <typename T, bool Centred>
+struct GramTiles {
+  const T* x;
+  const float* c;
+  int64_t d, n;
+  double* acc;
+  template <int R, int C>
+  void run(int64_t i0, int64_t j0, int64_t lo, int64_t hi) const {
+    gram_tile<T, R, C, Centred>(x, c, d, n, i0, j0, lo, hi, acc);
+  }
+};
+
+// Columns [lo, hi) of G (upper triangle and diagonal, into acc[0, n*n)) and, when
+// centred, of q (into acc[n*n, n*n + n)).
+template <typename T, bool Centred>
+void gram_range(const T* x, const float* c, int64_t n, int64_t d, int64_t lo,
+                int64_t hi, double* acc) {
+  const int64_t block = block_columns(n);
+  const GramTiles<T, Centred> tiles{x, c, d, n, acc};
+  for (int64_t k0 = lo; k0 < hi; k0 += block) {
+    const int64_t k1 = std::min(hi, k0 + block);
+    for (int64_t i0 = 0; i0 < n; i0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, n - i0));
+      for (int64_t j0 = i0; j0 < n; j0 += kCols) {
+        const int cols = static_cast<int>(std::min<int64_t>(kCols, n - j0));
+        run_tile<kRows, kCols>(tiles, rows, cols, i0, j0, k0, k1);
+      }
+    }
+    if constexpr (Centred) {
+      // The uncentred squared norms, from the block while it is in cache (a
+      // 1 x 1 tile with stride 0 adds into acc[n * n + i]).
+      for (int64_t i = 0; i < n; ++i) {
+        gram_tile<T, 1, 1, false>(x, nullptr, d, 0, i, i, k0, k1, acc + n * n);
+      }
+    }
+  }
+}
+
+template <ffi::DataType DT>
+ffi::Error GramImpl(ffi::Buffer<DT> x, ffi::Buffer<ffi::F32> c,
+                    ffi::ResultBuffer<ffi::F32> gram, ffi::ResultBuffer<ffi::F32> sq) {
+  const Shape shape = shape_of(x);
+  if (!shape.ok) return ffi::Error::InvalidArgument("gram: x must be (..., n, d)");
+  const int64_t n = shape.n, d = shape.d, batch = shape.batch;
+  const bool centred = c.element_count() != 0;
+  if (centred && c.element_count() * n != x.element_count()) {
+    return ffi::Error::InvalidArgument("gram: c must be (..., d) or empty");
+  }
+  using T = ffi::NativeType<DT>;
+  const int threads = thread_count(0.5 * n * n * static_cast<double>(d));
+  const int64_t size = n * n + n;
+  std::vector<std::vector<double>> acc(threads, std::vector<double>(size));
+  for (int64_t b = 0; b < batch; ++b) {
+    const T* xb = x.typed_data() + b * n * d;
+    const float* cb = centred ? c.typed_data() + b * d : nullptr;
+    for (auto& a : acc) std::fill(a.begin(), a.end(), 0.0);
+    split_columns(d, threads, [&](int t, int64_t lo, int64_t hi) {
+      if (centred) {
+        gram_range<T, true>(xb, cb, n, d, lo, hi, acc[t].data());
+      } else {
+        gram_range<T, false>(xb, cb, n, d, lo, hi, acc[t].data());
+      }
+    });
+    float* gb = gram->typed_data() + b * n * n;
+    float* qb = sq->typed_data() + b * n;
+    auto total = [&](int64_t e) {
+      double s = 0.0;
+      for (auto& a : acc) s += a[e];
+      return s;
+    };
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = i; j < n; ++j) {
+        gb[i * n + j] = gb[j * n + i] = static_cast<float>(total(i * n + j));
+      }
+      qb[i] = centred ? static_cast<float>(total(n * n + i)) : gb[i * n + i];
     }
   }
   return ffi::Error::Success();
@@ -650,6 +863,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxPairwiseSqDistsBf16,
                               PairwiseSqDistsImpl<ffi::DataType::BF16>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxGram, GramImpl<ffi::DataType::F32>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxGramBf16, GramImpl<ffi::DataType::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxRowSqDists, RowSqDistsImpl<ffi::DataType::F32>,
