@@ -366,7 +366,9 @@ def test_geometric_median_gram_route_falls_back_when_inexact():
         x.astype(np.float64), f, init="zero", nu=0.1, relative_nu=False, iterations=3
     )
     # Deviations from the shared mean (float32 resolves 1e4 to 1e-3).
-    np.testing.assert_allclose(np.asarray(gram, np.float64) - 1e4, want - 1e4, atol=4e-3)
+    np.testing.assert_allclose(
+        np.asarray(gram, np.float64) - 1e4, want - 1e4, atol=4e-3
+    )
 
 
 @pytest.mark.skipif(not byzjax._native.enabled(), reason="the CPU kernels' route")

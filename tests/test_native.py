@@ -208,7 +208,9 @@ def test_gram_kernel_matches_numpy(n, d, centred, bad, dtype):
     ok = np.isfinite(x64).all(1) & (np.abs(x64) < 1e30).all(1)
     scale = np.abs(want_g[np.ix_(ok, ok)]).max(initial=1.0)
     np.testing.assert_allclose(
-        np.asarray(g)[np.ix_(ok, ok)], want_g[np.ix_(ok, ok)], rtol=1e-5,
+        np.asarray(g)[np.ix_(ok, ok)],
+        want_g[np.ix_(ok, ok)],
+        rtol=1e-5,
         atol=1e-6 * scale,
     )
     np.testing.assert_allclose(np.asarray(q)[ok], want_q[ok], rtol=1e-5)

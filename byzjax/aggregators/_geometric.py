@@ -50,12 +50,19 @@ _INITS = ("median", "mean", "zero")
 _ROUTES = ("auto", "gram", "direct")
 
 
-def _gram_pays(n: int, iterations: int, centred: bool) -> bool:
-    """Whether the Gram route costs less than the direct one, in reads of x as
-    measured with the CPU kernels on 2 cores at (25 | 100, 1e6), both presets
-    (docs/performance.md): the Gram route 2.0 + 0.064 (n + 1) reads (0.077 centred),
-    the direct one 1.6 + 1.7 per step after the first."""
-    gram = 2.0 + (0.077 if centred else 0.064) * (n + 1)
+# The Gram kernel's cost per row pair, in reads of a float32 x (plain, centred):
+# its bfloat16 loop widens each row as it loads it.
+_GRAM_COST = {4: (0.064, 0.077), 2: (0.081, 0.12)}
+
+
+def _gram_pays(n: int, iterations: int, centred: bool, itemsize: int) -> bool:
+    """Whether the Gram route costs less than the direct one, in reads of a float32
+    x as measured with the CPU kernels on 2 cores at (25 | 100, 1e6), both presets,
+    float32 and bfloat16 (docs/performance.md): the Gram route 2.0 reads plus
+    `_GRAM_COST` per row (n + 1), the direct one 1.6 plus 1.7 per step after the
+    first (bfloat16 rows read no faster there: they are widened as they are read).
+    """
+    gram = 2.0 + _GRAM_COST[itemsize][centred] * (n + 1)
     return gram < 1.6 + 1.7 * (iterations - 1)
 
 
@@ -151,8 +158,9 @@ def geometric_median(
         their rounding error, and if that bound exceeds the direct sums' own (x
         far from the centre compared with the distances, as for rows sharing a
         large mean with a zero start) the steps run the direct route instead.
-        "auto": the Gram route where it costs fewer reads (`_gram_pays`: n <= 19
-        with T = 2, n <= 45 with T = 3, n <= 148 with T = 8).
+        "auto": the Gram route where it costs fewer reads (`_gram_pays`: in
+        float32 n <= 19 with T = 2, n <= 45 with T = 3, n <= 148 with T = 8 from
+        the median; in bfloat16 n <= 15, 36 and 94).
 
     Returns:
       A stateless Aggregator with `default_params = {"nu": nu}`.
@@ -191,7 +199,9 @@ def geometric_median(
         centred = init == "median"
         gram = kernel and (
             route == "gram"
-            or (route == "auto" and _gram_pays(n, iterations, centred))
+            or (
+                route == "auto" and _gram_pays(n, iterations, centred, x.dtype.itemsize)
+            )
         )
         if gram:
             z0 = coordinate_median(x).astype(jnp.float32) if centred else None
