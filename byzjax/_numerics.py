@@ -9,6 +9,8 @@ NaN coordinates sort as +Inf, so with at most f such rows they are trimmed or ig
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -60,9 +62,22 @@ def patch_if(pred: jax.Array, fix, value: jax.Array, *operands) -> jax.Array:
     `jax.vmap` (sweeps) a cond with a batched predicate becomes a select that runs
     both sides every time (18.5 against 8.5 ms for four (25, 2.5e5) inputs of
     mean-around-median), while the loop runs `fix` only when some batch element
-    needs it. For a rare, costly fix of a cheap `value`, computed first.
-    """
+    needs it. For a rare, costly fix of a cheap `value`, computed first. `fix`
+    must take every traced array it depends on through `value` and `operands`:
+    derivatives flow through those alone.
 
+    Differentiable in both modes (the simulator's influence weights take a VJP
+    through the rules, and a while loop cannot be transposed): its JVP runs `fix`
+    and selects, so when differentiated the fix always runs, and its derivative
+    must be finite where it is not taken (a NaN value there is harmless, an
+    infinite derivative times the zero cotangent is not). A `lax.cond` there failed
+    to transpose (a `stop_gradient` inside mean-around-median's fix).
+    """
+    return _patch_if(fix, pred, value, *operands)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _patch_if(fix, pred, value, *operands):
     def body(carry):
         # The operands tied to the loop's state: XLA hoists a body that does not
         # depend on it out of the loop, which then ran the fix every time.
@@ -71,6 +86,14 @@ def patch_if(pred: jax.Array, fix, value: jax.Array, *operands) -> jax.Array:
         return jnp.zeros_like(pred), fix(value, *ops)
 
     return lax.while_loop(lambda carry: carry[0], body, (pred, value))[1]
+
+
+@_patch_if.defjvp
+def _patch_if_jvp(fix, primals, tangents):
+    pred, value, *operands = primals
+    _, value_dot, *operands_dot = tangents
+    fixed, fixed_dot = jax.jvp(fix, (value, *operands), (value_dot, *operands_dot))
+    return jnp.where(pred, fixed, value), jnp.where(pred, fixed_dot, value_dot)
 
 
 def lazy_cond(pred: jax.Array, true_fn, false_fn, *operands) -> jax.Array:
@@ -233,13 +256,43 @@ def sq_norms(x: jax.Array) -> jax.Array:
     A bfloat16 x through the row kernel where it can (no float32 copy)."""
     if x.dtype != compute_dtype(x.dtype) and kernel_rows(x):
         return row_sq_dists(x, jnp.zeros(x.shape[1], jnp.float32))
-    x = promote(x)
+    return _sq_norms(promote(x))
+
+
+@jax.custom_jvp
+def _sq_norms(x: jax.Array) -> jax.Array:
     return nan_to_posinf(jnp.einsum("nd,nd->n", x, x, precision=HIGHEST))
+
+
+@_sq_norms.defjvp
+def _sq_norms_jvp(primals, tangents):
+    # A non-finite entry contributes no derivative, as in the kernels' rules
+    # (`_native._finite`): its 0 * Inf would make the reverse pass NaN.
+    (x,), (t,) = primals, tangents
+    finite = jnp.where(jnp.isfinite(x), x, 0.0)
+    return _sq_norms(x), 2.0 * jnp.einsum("nd,nd->n", finite, t, precision=HIGHEST)
 
 
 def norms(x: jax.Array) -> jax.Array:
     """Euclidean norms of the rows of an (n, d) array; non-finite -> +Inf."""
-    return jnp.sqrt(sq_norms(x))
+    return root(sq_norms(x))
+
+
+@jax.custom_jvp
+def root(sq: jax.Array) -> jax.Array:
+    """sqrt(sq) of squared norms or distances, whose derivative is taken as 0 at
+    0 and at +-Inf or NaN, where sqrt's is infinite or NaN: multiplied by a zero
+    cotangent (a row a `where` leaves out: the zero and non-finite rows of the
+    nan, inf and zero attacks), those turn a reverse pass NaN."""
+    return jnp.sqrt(sq)
+
+
+@root.defjvp
+def _root_jvp(primals, tangents):
+    (sq,), (t,) = primals, tangents
+    out = jnp.sqrt(sq)
+    smooth = (sq > 0) & jnp.isfinite(sq)
+    return out, jnp.where(smooth, t / (2.0 * jnp.where(smooth, out, 1.0)), 0.0)
 
 
 def pairwise_sq_dists(x: jax.Array, center: jax.Array | None = None) -> jax.Array:

@@ -16,6 +16,7 @@ import reference
 import byzjax
 from byzjax import aggregators
 from byzjax.aggregators import _geometric
+from byzjax.sim import diagnostics
 
 # (n, f, d): odd and even n, d = 1 and d > n, every rule's precondition holds.
 CONFIGS = [(7, 1, 5), (12, 2, 1), (15, 3, 17)]
@@ -393,3 +394,19 @@ def test_geometric_median_gram_route_kept_on_ordinary_rows(preset):
     # The inputs of the oracle tests: the Gram route is the one they check.
     x, _ = make_inputs(_seed("gm-route", preset), 25, 5, 200)
     assert _gm_gram_check(x, preset)
+
+
+@pytest.mark.parametrize("preset", ["byzjax", "byzfl"])
+def test_geometric_median_routes_differentiate_alike(preset):
+    # The same iteration computed two ways: the same influence weights (the
+    # simulator's VJP), through the Gram matrix's and the step kernel's rules.
+    x, _ = make_inputs(_seed("gm-vjp", preset), 11, 2, 300)
+    weights = {}
+    for route in ("gram", "direct"):
+        agg = aggregators.build("geometric_median", f=2, preset=preset, route=route)
+        weights[route] = diagnostics.aggregate_with_influence(
+            agg.update, x, agg.init(x), agg.default_params
+        )[2]
+    np.testing.assert_allclose(weights["gram"], weights["direct"], rtol=1e-4, atol=1e-6)
+    if preset == "byzjax":  # the median start keeps it translation equivariant
+        np.testing.assert_allclose(float(weights["gram"].sum()), 1.0, rtol=1e-4)

@@ -19,6 +19,7 @@ import reference
 
 import byzjax
 from byzjax import aggregators
+from byzjax.sim import diagnostics
 
 D = 6
 
@@ -499,3 +500,46 @@ def test_mda_refuses_above_the_subset_budget():
         byzjax.aggregate("mda", jnp.zeros((50, 2)), f=12)
     with pytest.raises(ValueError, match=r"C\(n, f\)=36"):
         byzjax.aggregate("mda", jnp.zeros((9, 2)), f=2, max_subsets=35)
+
+
+def _influence_inputs(n):
+    # What the nan, inf, zero and mimic attacks send, and a square that overflows.
+    x = _x(n, seed=4)
+    return {
+        "plain": x,
+        "nan": x.at[0].set(jnp.nan),
+        "+inf": x.at[1].set(jnp.inf),
+        "1e38": x.at[0].set(1e38),
+        "-inf entry": x.at[1, 2].set(-jnp.inf),
+        "zero": x.at[:2].set(0.0),
+        "equal": x.at[:3].set(x[4]),
+    }
+
+
+def _influence(agg, x):
+    return diagnostics.aggregate_with_influence(
+        agg.update, x, agg.init(x), agg.default_params
+    )[2]
+
+
+def _assert_influence_finite(agg, n):
+    for label, x in _influence_inputs(n).items():
+        weights = np.asarray(jax.jit(lambda x: _influence(agg, x))(x))
+        assert np.isfinite(weights).all(), (label, weights)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rule_influence_weights_are_finite(name):
+    """The simulator's influence weights, a VJP through the rule, stay finite with
+    the NaN, Inf, 1e38, zero and equal rows of the attacks (a reverse pass turns
+    0 * Inf into NaN, and cannot go through a while loop)."""
+    cfg = RULES[name]
+    _assert_influence_finite(
+        aggregators.build(name, f=cfg["f"], **cfg["params"]), cfg["n"]
+    )
+
+
+@pytest.mark.parametrize("name", sorted(PRE))
+def test_pre_influence_weights_are_finite(name):
+    agg = aggregators.build("mean", f=2, pre=[(name, PRE[name]["params"])])
+    _assert_influence_finite(agg, 9)

@@ -8,6 +8,7 @@ invariant on tie-free data, so those properties draw Gaussian data from a seed.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -15,6 +16,7 @@ from hypothesis.extra import numpy as hnp
 import byzjax
 from byzjax import aggregators
 from byzjax.aggregators._preagg import arc_count
+from byzjax.sim import diagnostics
 
 N, F, D = 9, 2, 4
 N_BULYAN = 11
@@ -218,3 +220,15 @@ def test_bucketing_preserves_the_mean(seed):
     x = _gaussian(seed, 8)
     out = byzjax.aggregate("mean", x, f=1, pre=[("bucketing", {"s": 2, "seed": 3})])
     np.testing.assert_allclose(out, x.astype(np.float64).mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TRANSLATION)
+def test_influence_weights_sum_to_one_for_translation_equivariant_rules(name):
+    # F(x + 1 c) = F(x) + c makes the rows' Jacobians sum to the identity, so
+    # the simulator's influence weights (a VJP of 1/d) sum to 1.
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(11, 40)), jnp.float32)
+    agg = aggregators.build(name, f=2, **ALL[name])
+    weights = diagnostics.aggregate_with_influence(
+        agg.update, x, agg.init(x), agg.default_params
+    )[2]
+    np.testing.assert_allclose(float(weights.sum()), 1.0, rtol=1e-4)

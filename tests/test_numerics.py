@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from byzjax import _numerics as nm
 from byzjax import _sorting
@@ -277,6 +278,42 @@ def test_row_sq_dists_match_numpy_on_every_path(n, d, native, monkeypatch):
         want = ((x.astype(np.float64) - v) ** 2).sum(-1)
     want = np.where(np.isnan(want) | (want > np.finfo(np.float32).max), np.inf, want)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_patch_if_differentiates_like_a_cond(vmapped):
+    # The simulator's influence weights take a VJP through the rules, and a
+    # while loop has no transpose: both modes must give the cond's derivative,
+    # and a fix whose value is NaN where it is not taken must not leak it.
+    def fix(value, x):
+        return value * x**2 + jnp.log(x)  # NaN at x < 0, where pred is False
+
+    def by_patch(pred, value, x):
+        return nm.patch_if(pred, fix, value, x).sum()
+
+    def by_cond(pred, value, x):
+        return lax.cond(pred, fix, lambda v, x: v, value, x).sum()
+
+    value = np.arange(1.0, 4.0, dtype=np.float32)
+    for pred, x in ((True, value + 1.0), (False, -value)):
+        args = (np.array(pred), value, x.astype(np.float32))
+        grad = jax.grad(by_patch, argnums=(1, 2))
+        want = jax.grad(by_cond, argnums=(1, 2))(*args)
+        if vmapped:
+            batch = [np.stack([a, a]) for a in args]
+            got = jax.jit(jax.vmap(grad))(*batch)
+            got = [g[0] for g in got]
+        else:
+            got = jax.jit(grad)(*args)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+            assert np.isfinite(a).all()
+        tangent = jax.jvp(
+            lambda v, a=args: nm.patch_if(a[0], fix, v, a[2]), (value,), (value,)
+        )[1]
+        np.testing.assert_allclose(
+            tangent, value * (args[2] ** 2 if pred else 1.0), rtol=1e-6
+        )
 
 
 @pytest.mark.parametrize("vmapped", [False, True])

@@ -89,6 +89,14 @@ def _distance_target(name: str, x: jax.Array, **float32_operands) -> str:
     raise TypeError(f"byzjax: {name}'s x must be float32 or bfloat16, got {dtype}")
 
 
+def _finite(a: jax.Array) -> jax.Array:
+    """a with its non-finite entries zeroed, for the JVP rules: a NaN or infinite
+    entry contributes no derivative (its row's weight in the rules is 0), where
+    0 * Inf in a reverse pass would turn every cotangent NaN (the simulator's
+    influence weights under the nan and inf attacks)."""
+    return jnp.where(jnp.isfinite(a), a, 0.0)
+
+
 @jax.custom_jvp
 def pairwise_sq_dists(x: jax.Array) -> jax.Array:
     """D_ij = sum_k (x_ik - x_jk)^2 of a (..., n, d) float32 or bfloat16 array, in
@@ -107,7 +115,7 @@ def _pairwise_jvp(primals, tangents):
     # A bfloat16 x and its tangent are widened: the distances are float32.
     (x,), (t,) = primals, tangents
     out = pairwise_sq_dists(x)
-    x, t = x.astype(jnp.float32), t.astype(jnp.float32)
+    x, t = _finite(x.astype(jnp.float32)), t.astype(jnp.float32)
     p = jnp.einsum("...id,...jd->...ij", x, t, precision=lax.Precision.HIGHEST)
     diag = jnp.diagonal(p, axis1=-2, axis2=-1)
     dd = 2.0 * (diag[..., :, None] + diag[..., None, :] - p - jnp.swapaxes(p, -1, -2))
@@ -130,7 +138,7 @@ def _row_jvp(primals, tangents):
     (x, v), (t, s) = primals, tangents
     out = row_sq_dists(x, v)
     x, t = x.astype(jnp.float32), t.astype(jnp.float32)
-    diff = x - v[..., None, :]
+    diff = _finite(x - v[..., None, :])
     hi = lax.Precision.HIGHEST
     dr = jnp.einsum("...nd,...nd->...n", diff, t, precision=hi) - jnp.einsum(
         "...nd,...d->...n", diff, s, precision=hi
@@ -175,7 +183,7 @@ def _step_jvp(distances, primals, tangents):
         + jnp.einsum("...n,...nd->...d", dw, xs, precision=hi)
         + jnp.einsum("...n,...nd->...d", w, dxs, precision=hi)
     )
-    diff = x - zn[..., None, :]
+    diff = _finite(x - zn[..., None, :])
     dr = jnp.einsum("...nd,...nd->...n", diff, dx, precision=hi) - jnp.einsum(
         "...nd,...d->...n", diff, dzn, precision=hi
     )
@@ -230,8 +238,8 @@ def _gram_jvp(primals, tangents):
     y, dy = x, dx
     if c is not None:
         y, dy = x - c[..., None, :], dx - dc[..., None, :]
-    p = jnp.einsum("...id,...jd->...ij", dy, y, precision=hi)
-    dq = 2.0 * jnp.einsum("...nd,...nd->...n", x, dx, precision=hi)
+    p = jnp.einsum("...id,...jd->...ij", dy, _finite(y), precision=hi)
+    dq = 2.0 * jnp.einsum("...nd,...nd->...n", _finite(x), dx, precision=hi)
     return (g, q), (p + jnp.swapaxes(p, -1, -2), dq)
 
 

@@ -24,6 +24,7 @@ from byzjax._numerics import (
     kernel_rows,
     nan_to_posinf,
     norms,
+    root,
     row_sq_dists,
     stack_rows,
     weighted_row_sum,
@@ -52,15 +53,22 @@ def clip_rows(x: jax.Array, radius: jax.Array, r: jax.Array | None = None):
     r = norms(x) if r is None else r
     scale, broken = clip_factors(r, radius)
     rows = promoted_rows(x)
+    # The zeroed row is zeroed before the product too: 0 * Inf or NaN in the
+    # product's derivative would make a reverse pass NaN.
     return stack_rows(
-        lambda i: jnp.where(broken[i], 0.0, rows[i] * scale[i]), len(rows)
+        lambda i: jnp.where(
+            broken[i], 0.0, jnp.where(broken[i], 0.0, rows[i]) * scale[i]
+        ),
+        len(rows),
     )
 
 
 def clip_factors(r: jax.Array, radius: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-row scale min(1, radius / r) and whether the row must be zeroed instead."""
     clipped = r > radius
-    scale = jnp.where(clipped, radius / r, 1.0)
+    # radius / r only where clipped (r > radius >= 0): its derivative elsewhere (r =
+    # 0, or r and radius infinite) is not finite, and a reverse pass multiplies it.
+    scale = jnp.where(clipped, radius / jnp.where(clipped, r, 1.0), 1.0)
     return scale, clipped & ~jnp.isfinite(r)
 
 
@@ -118,7 +126,7 @@ def centered_clipping(
         radius = jnp.asarray(params["tau"], dtype)
 
         def factors(sq):
-            scale, broken = clip_factors(jnp.sqrt(sq), radius)
+            scale, broken = clip_factors(root(sq), radius)
             return jnp.where(broken, 0.0, scale), broken
 
         if iterations > 1 and kernel:

@@ -29,6 +29,7 @@ from byzjax._numerics import (
     patch_if,
     promoted_rows,
     robust_center,
+    root,
     row_sq_dists,
     sum_rows,
     weighted_row_sum,
@@ -80,6 +81,13 @@ def _start(x, init):
     return jnp.zeros(x.shape[1], dtype)
 
 
+def _inverse_distance(sq, floor):
+    """1 / max(nu', sqrt(sq)), as 1 / sqrt(max(nu'^2, sq)): the root's derivative
+    stays finite at sq = 0 (a row at the iterate, or an unusable row's 0), where
+    0 * Inf would make every row's derivative NaN in a reverse pass."""
+    return lax.rsqrt(jnp.maximum(floor * floor, sq))
+
+
 def gram_steps(g, init, floor, iterations):
     """T smoothed Weiszfeld steps on the Gram matrix g of the rows centred on c.
 
@@ -112,7 +120,7 @@ def gram_steps(g, init, floor, iterations):
         spread = size + jnp.dot(jnp.abs(w), size, precision=HIGHEST)
         exact = error * spread**2 <= allowed * jnp.maximum(floor**2, sq)
         ok = ok & jnp.all(exact | ~usable)
-        beta = jnp.where(usable, 1.0 / jnp.maximum(floor, jnp.sqrt(sq)), 0.0)
+        beta = jnp.where(usable, _inverse_distance(sq, floor), 0.0)
         total = beta.sum()
         return jnp.where(total > 0, beta / total, w), ok
 
@@ -207,7 +215,8 @@ def geometric_median(
             z0 = coordinate_median(x).astype(jnp.float32) if centred else None
             g, q = _native.gram(x, z0)
             if relative_nu:
-                scale = coordinate_median(nan_to_posinf(jnp.sqrt(q))[:, None])[0]
+                size = root(nan_to_posinf(q))
+                scale = coordinate_median(size[:, None])[0]
                 floor = floor * jnp.maximum(1.0, scale)
             w, ok = gram_steps(g, init, floor, iterations)
             start = jnp.zeros(x.shape[1], jnp.float32) if z0 is None else z0
@@ -226,7 +235,7 @@ def geometric_median(
         kernel = kernel_rows(x)
 
         def weights(sq, usable):
-            beta = jnp.where(usable, 1.0 / jnp.maximum(floor, jnp.sqrt(sq)), 0.0)
+            beta = jnp.where(usable, _inverse_distance(sq, floor), 0.0)
             return beta, beta.sum()
 
         if kernel:
