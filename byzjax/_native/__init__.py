@@ -7,7 +7,9 @@ distances of every row to one vector (a row reduction that re-reads the vector f
 every row). `kernels.cc` computes both directly from differences, with no Gram
 matrix and hence no cancellation, on every core the process may use; a
 reweighting step (`step_sq_dists`: a weighted sum of the rows, then every row's
-distance to it) in one read of x instead of two.
+distance to it) in one read of x instead of two; and the Gram matrix of the rows
+around a centre (`gram`), for the geometric median's steps on it, with a bound on
+its rounding (`gram_error`). Their JVP rules give a non-finite entry no derivative.
 
 The shared library is compiled with the system C++ compiler the first time a rule
 asks for it (about 6 s) and cached under `$BYZJAX_CACHE_DIR` (default

@@ -15,6 +15,10 @@
 //     in one read of x (a block of rows summed from memory, then measured from
 //     cache): a geometric-median or centered-clipping step, where XLA reads x
 //     twice.
+//   gram: G_ij = sum_k (x_ik - c_k)(x_jk - c_k) and the rows' squared norms, in
+//     one read, for the geometric median's Gram route (its T steps on G): the
+//     pairwise kernel's blocks and tiles, products summed in float32 over runs of
+//     512 columns and then in float64, a bound its caller checks.
 //   row_rule: the mean and the sign majority of a float32 or bfloat16 (n, d)
 //     array: XLA:CPU loops over 16-bit elements with scalar code, and its fused
 //     loop over 100 rows reads 100 interleaved streams.

@@ -51,8 +51,8 @@ _INITS = ("median", "mean", "zero")
 _ROUTES = ("auto", "gram", "direct")
 
 
-# The Gram kernel's cost per row pair, in reads of a float32 x (plain, centred):
-# its bfloat16 loop widens each row as it loads it.
+# The Gram kernel's cost per row of x (times n + 1 rows), in reads of a float32
+# x, (plain, centred) by itemsize: its bfloat16 loop widens each row as it loads.
 _GRAM_COST = {4: (0.064, 0.077), 2: (0.081, 0.12)}
 
 
