@@ -223,7 +223,8 @@ def geometric_median(
             z = _native.step_sq_dists(x, start, w, False)[0]
 
             def fallback(_, x, floor, start):
-                return direct(x, floor, start if centred else _start(x, init))
+                # start is z_0 already, but for the mean start (its w_0 is in w).
+                return direct(x, floor, _start(x, init) if init == "mean" else start)
 
             return patch_if(~ok, fallback, z, x, floor, start)
         if relative_nu:
