@@ -144,6 +144,28 @@ def test_mean_around_median_two_sided_ties(ties):
         )
 
 
+@pytest.mark.parametrize("d", [1, 7, 1024, 3 * 1024, 5 * 1024 + 37])
+def test_nan_checks_find_every_nan_block(d):
+    # `any_nan` and `_nan_blocks` (sums, where XLA:CPU's max reduction would miss
+    # the NaN) against numpy's per-block isnan, NaN in random blocks and in the
+    # tail; +-Inf alone is no NaN, +Inf with -Inf is a documented false positive.
+    rng = np.random.default_rng(d)
+    width = 1024
+    count = -(-d // width)
+    check = jax.jit(lambda v: (nm.any_nan(v), nm._nan_blocks(v, width)))
+    for hits in range(3):
+        v = rng.normal(size=d).astype(np.float32)
+        v[rng.choice(d, size=min(hits, d), replace=False)] = np.nan
+        v[rng.random(d) < 0.01] = np.inf
+        padded = np.pad(np.isnan(v), (0, count * width - d)).reshape(count, width)
+        any_nan, blocks = check(v)
+        assert bool(any_nan) == bool(np.isnan(v).any())
+        np.testing.assert_array_equal(blocks, padded.any(axis=1))
+    both = np.zeros(d, np.float32)
+    both[0], both[-1] = np.inf, -np.inf
+    assert bool(check(both)[0]) == (d > 1)
+
+
 @pytest.mark.parametrize("vmapped", [False, True])
 def test_patch_if_runs_the_fix_only_when_asked(vmapped):
     # Under vmap a lax.cond runs both sides; patch_if must not run the fix when no
