@@ -510,7 +510,7 @@ def coordinate_mean_around_median(x: jax.Array, k: int) -> jax.Array:
 
 # `coordinate_mean_around_median` recomputes at most `_FIX_BLOCKS` blocks of
 # `_FIX_BLOCK` columns by gathering them: finding the blocks among 1e6 columns
-# took 0.25 ms (`_nan_blocks`), `jnp.nonzero` on per-column flags 7.5 ms.
+# took 0.16 ms (`_nan_blocks`), `jnp.nonzero` on per-column flags 7.5 ms.
 _FIX_BLOCK, _FIX_BLOCKS = 1024, 16
 
 
@@ -525,13 +525,12 @@ def any_nan(v: jax.Array) -> jax.Array:
 
 def _nan_blocks(v: jax.Array, width: int) -> jax.Array:
     """`any_nan` of each block of `width` entries of v (the last one possibly
-    shorter). The whole blocks reshaped apart from the tail: padding v to whole
-    blocks first took 0.83 against 0.25 ms over 1e6 entries."""
-    whole = v.shape[0] // width
-    hit = jnp.isnan(jnp.sum(v[: whole * width].reshape(whole, width), axis=1))
-    if whole * width < v.shape[0]:
-        hit = jnp.append(hit, any_nan(v[whole * width :]))
-    return hit
+    shorter), from the blocks' sums in one reduce-window: 0.16 ms over 1e6 entries
+    and no copy, where flags padded to whole blocks took 0.83 ms and the whole
+    blocks sliced off the tail 0.28 ms and a 4 MB copy."""
+    pad = -v.shape[0] % width
+    sums = lax.reduce_window(v, 0.0, lax.add, (width,), (width,), [(0, pad)])
+    return jnp.isnan(sums)
 
 
 def _fix_columns(x: jax.Array, k: int, out: jax.Array) -> jax.Array:
@@ -542,15 +541,25 @@ def _fix_columns(x: jax.Array, k: int, out: jax.Array) -> jax.Array:
     count = -(-d // width)
 
     def gather(out, x, hit):
-        (blocks,) = jnp.nonzero(hit, size=min(_FIX_BLOCKS, count), fill_value=0)
+        # The blocks with a hit first (top_k puts the lower index first among
+        # equal keys; the others recompute columns that were right): 0.09 ms
+        # against 0.2 for `jnp.nonzero`.
+        key = jnp.where(hit, count - jnp.arange(count), 0)
+        blocks = lax.top_k(key, min(_FIX_BLOCKS, count))[1]
         starts = jnp.minimum(blocks * width, d - width)
         fixed = jax.vmap(
             lambda s0: _mean_around_median_rows(
                 lax.dynamic_slice_in_dim(x, s0, width, axis=1), k
             )
         )(starts)
-        cols = (starts[:, None] + jnp.arange(width)).reshape(-1)
-        return out.at[cols].set(fixed.reshape(-1))
+        # Block by block in place: a scatter of the 16 blocks' columns took 0.2 ms
+        # more.
+        return lax.fori_loop(
+            0,
+            starts.shape[0],
+            lambda i, o: lax.dynamic_update_slice_in_dim(o, fixed[i], starts[i], 0),
+            out,
+        )
 
     def fix(out, x):
         hit = _nan_blocks(out, width)
