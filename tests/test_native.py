@@ -197,7 +197,7 @@ def _want_gram(x64, c):
 @X_DTYPES
 def test_gram_kernel_matches_numpy(n, d, centred, bad, dtype):
     # (26, 30001): edge tiles of 2 and 1 rows, a 1-column tail; (25, 70003): two
-    # threads, several 10,480-column blocks and 512-column runs, a 3-column tail.
+    # threads, several 8,192-column blocks and 512-column runs, a 3-column tail.
     # The NaN / Inf / 1e38 rows flow into their own row and column only.
     x, c = _inputs(n * d + 3, n, d, min(bad, n - 1), dtype)
     x64 = _wide(x)
