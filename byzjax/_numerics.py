@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from byzjax import _native
+from byzjax._native import networks
 from byzjax._rows import compute_dtype, promoted_blocks, promoted_rows, promoted_take
 from byzjax._sorting import (
     FULL_NETWORK_MAX_N,
@@ -388,20 +389,43 @@ def smallest_k(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return -values, index
 
 
-def coordinate_median(x: jax.Array) -> jax.Array:
+def _network_kernel(x: jax.Array, dtypes=(jnp.float32, jnp.bfloat16)) -> bool:
+    """Whether a rule over stored rows x runs its network as a generated CPU loop
+    (`byzjax._native.networks`): n <= `FULL_NETWORK_MAX_N`, on the CPU."""
+    return (
+        1 < x.shape[0] <= FULL_NETWORK_MAX_N
+        and bool(x.size)
+        and _native.usable(x, dtypes=dtypes)
+    )
+
+
+def _through_network(x: jax.Array, source: str, xla_form) -> jax.Array:
+    """The generated loop `source` over x, differentiated as `xla_form` (the same
+    values, bit for bit)."""
+    rule = jax.custom_jvp(lambda x: networks.network_rule(x, source))
+    rule.defjvp(lambda primals, tangents: jax.jvp(xla_form, primals, tangents))
+    return rule(x)
+
+
+def coordinate_median(x: jax.Array, *, stored: bool = False) -> jax.Array:
     """Coordinate-wise median over the worker axis, NaN as +Inf.
 
     Odd n: the middle order statistic; even n: the average of the two middle ones
-    (numpy's convention, SPEC D4).
+    (numpy's convention, SPEC D4). `stored`: x is read from memory (not computed
+    in the same program), so the network may run as a generated CPU loop, which
+    prefetches the rows XLA's fused loop streams without.
     """
     n = x.shape[0]
+    if stored and _network_kernel(x):
+        source = networks.median_source(n, x.dtype.type)
+        return _through_network(x, source, coordinate_median)
     if n % 2:
         return order_statistics(x, [n // 2])[0]
     lo, hi = order_statistics(x, [n // 2 - 1, n // 2])
     return 0.5 * (lo + hi)
 
 
-def coordinate_trimmed_mean(x: jax.Array, b: int) -> jax.Array:
+def coordinate_trimmed_mean(x: jax.Array, b: int, *, stored: bool = False) -> jax.Array:
     """Mean of the order statistics b+1 .. n-b of each coordinate (NaN as +Inf).
 
     Up to `FULL_NETWORK_MAX_N` rows, the middle ranks are summed straight off the
@@ -413,11 +437,14 @@ def coordinate_trimmed_mean(x: jax.Array, b: int) -> jax.Array:
     maps the b smallest to lo and the b largest to hi and leaves the middle alone,
     so sum_k clip(x_k) - b (lo + hi) is the trimmed sum whatever the ties: two
     order statistics from the network and one fused pass over x, instead of a full
-    sort.
+    sort. `stored`: as in `coordinate_median`.
     """
     n = x.shape[0]
     if b == 0:
         return row_mean(x)
+    if stored and _network_kernel(x):
+        source = networks.trimmed_mean_source(n, b, x.dtype.type)
+        return _through_network(x, source, lambda x: coordinate_trimmed_mean(x, b))
     if n <= FULL_NETWORK_MAX_N:
         # The middle ranks summed inside the network's fused loop: one read of x
         # instead of two (network, then clipping pass), 10-25 % faster at n = 25
@@ -476,7 +503,9 @@ def _mean_within(rows: list[jax.Array], dev: list[jax.Array], delta: jax.Array, 
     return total / k
 
 
-def coordinate_mean_around_median(x: jax.Array, k: int) -> jax.Array:
+def coordinate_mean_around_median(
+    x: jax.Array, k: int, *, stored: bool = False
+) -> jax.Array:
     """`coordinate_mean_around(x, coordinate_median(x), k)`, in one network pass.
 
     Up to `FULL_NETWORK_MAX_N` rows, the k entries closest to the median m form a
@@ -490,7 +519,8 @@ def coordinate_mean_around_median(x: jax.Array, k: int) -> jax.Array:
     columns (with a non-finite median's) are recomputed through the rows in
     worker order (`_mean_around_median_rows`), in gathered blocks of columns when
     few, else whole. Bulyan keeps the general form: on its gathered rows a window
-    took 50.8 against 19.7 ms at (25, 1e6).
+    took 50.8 against 19.7 ms at (25, 1e6). `stored`: as in `coordinate_median`
+    (the window's loop; the fix stays in XLA).
     """
     n = x.shape[0]
     if n > FULL_NETWORK_MAX_N:
@@ -505,7 +535,12 @@ def coordinate_mean_around_median(x: jax.Array, k: int) -> jax.Array:
         # window (Gaussian (25, 1e6): more than 16 blocks with a tie, 22.8 ms for
         # the window and then the rows, against 16.3 ms for the rows alone).
         return _mean_around_median_rows(x, k)
-    return _fix_columns(x, k, _window_mean(x, k))
+    if stored and _network_kernel(x, dtypes=(jnp.float32,)):
+        source = networks.window_mean_source(n, k)
+        window = _through_network(x, source, lambda x: _window_mean(x, k))
+    else:
+        window = _window_mean(x, k)
+    return _fix_columns(x, k, window)
 
 
 # `coordinate_mean_around_median` recomputes at most `_FIX_BLOCKS` blocks of

@@ -156,9 +156,10 @@ def test_failed_build_raises_with_the_compiler_output(tmp_path, monkeypatch):
     script = tmp_path / "cxx"
     script.write_text("#!/bin/sh\necho 'cc 1.0'\n[ \"$1\" = --version ] || exit 3\n")
     script.chmod(0o755)
+    monkeypatch.setenv("CXX", str(script))
     with pytest.raises(subprocess.CalledProcessError):
-        _native._build(str(script))
-    assert list(tmp_path.glob("*.so")) == []  # no half-written library is left
+        _native._build_shared("int x;", "kernels")
+    assert list(tmp_path.iterdir()) == []  # no half-written library or source left
 
 
 def test_kernels_differentiate_like_their_formulas():

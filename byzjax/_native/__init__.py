@@ -54,6 +54,8 @@ _TARGETS = {
     "byzjax_gram_bf16": "ByzjaxGramBf16",
     "byzjax_bf16_rows": "ByzjaxBf16Rows",
     "byzjax_f32_rows": "ByzjaxF32Rows",
+    "byzjax_network": "ByzjaxNetwork",
+    "byzjax_network_bf16": "ByzjaxNetworkBf16",
 }
 
 
@@ -275,10 +277,12 @@ def _row_rule_jvp(mode, primals, tangents):
     return out, jnp.zeros_like(out)
 
 
-def _require() -> None:
-    # The targets are registered when the library is first loaded.
-    if _library() is None:
+def _require() -> ctypes.CDLL:
+    """The kernels' library (its targets are registered when it is first loaded)."""
+    lib = _library()
+    if lib is None:
         raise RuntimeError("byzjax: the CPU kernels are not available")
+    return lib
 
 
 def _cpu_signature() -> str:
@@ -311,33 +315,39 @@ def _cache_dir() -> pathlib.Path:
     return cache if os.access(cache, os.W_OK) else fallback
 
 
-def _build(cxx: str) -> pathlib.Path:
-    """Compiles kernels.cc once per (source, jax, compiler, CPU); returns the .so."""
+def _build_shared(
+    source: str, stem: str, flags=("-O3", "-march=native")
+) -> pathlib.Path:
+    """Compiles C++ `source` into a shared library once per (source, jax, compiler,
+    flags, CPU), cached as `{stem}-{key}.so`; returns its path."""
+    cxx = _compiler()
     version = subprocess.run(
         [cxx, "--version"], capture_output=True, text=True, check=True
     ).stdout
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+    flags = [*flags, "-std=c++17", "-shared", "-fPIC", "-pthread"]
     key = hashlib.sha256(
         "\0".join(
-            [_SOURCE.read_text(), jax.__version__, version, " ".join(flags)]
-            + [_cpu_signature()]
+            [source, jax.__version__, version, " ".join(flags)] + [_cpu_signature()]
         ).encode()
     ).hexdigest()[:16]
     cache = _cache_dir()
-    target = cache / f"kernels-{key}.so"
+    target = cache / f"{stem}-{key}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed: parallel test workers may race.
+    # Built under temporary names and renamed: parallel test workers may race.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
+    src = pathlib.Path(tmp).with_suffix(".cc")
     try:
-        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+        src.write_text(source)
+        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(src), "-o", tmp]
         subprocess.run(cmd, capture_output=True, text=True, check=True)
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, src):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return target
 
 
@@ -348,7 +358,9 @@ def _library() -> ctypes.CDLL | None:
     if cxx is None or not hasattr(jax, "ffi"):
         return None
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+        lib = ctypes.cdll.LoadLibrary(
+            str(_build_shared(_SOURCE.read_text(), "kernels"))
+        )
         for name, symbol in _TARGETS.items():
             capsule = jax.ffi.pycapsule(getattr(lib, symbol))
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")

@@ -22,6 +22,11 @@
 //   row_rule: the mean and the sign majority of a float32 or bfloat16 (n, d)
 //     array: XLA:CPU loops over 16-bit elements with scalar code, and its fused
 //     loop over 100 rows reads 100 interleaved streams.
+//   network: a sorting-network rule over the rows (median, trimmed mean, mean
+//     around the median for n <= 32), 8 columns at a time. The loop itself is
+//     generated per network and rule by byzjax/_native/networks.py, compiled on
+//     first use and registered here by id; this part splits the columns over
+//     threads and pads the tail.
 //
 // The two distance kernels accumulate float32 lanes over one column block (at
 // most 8,192 and 32,768 columns) and the blocks in float64. Leading batch
@@ -34,8 +39,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #ifdef __linux__
@@ -855,7 +862,66 @@ ffi::Error RowRuleImpl(ffi::Buffer<DT> x, ffi::ResultBuffer<DT> out, int32_t mod
   return ffi::Error::Success();
 }
 
+// A generated network loop (byzjax/_native/networks.py): out[k] for the columns
+// k in [lo, hi), hi - lo a multiple of 8, of the n rows rows[i] (float32 or
+// bfloat16, as generated).
+using NetworkFn = void (*)(const void* const* rows, float* out, int64_t lo,
+                           int64_t hi);
+
+std::mutex network_mutex;
+std::unordered_map<int64_t, NetworkFn> network_fns;
+
+NetworkFn network_fn(int64_t id) {
+  std::lock_guard<std::mutex> lock(network_mutex);
+  auto it = network_fns.find(id);
+  return it == network_fns.end() ? nullptr : it->second;
+}
+
+template <ffi::DataType DT>
+ffi::Error NetworkImpl(ffi::Buffer<DT> x, ffi::ResultBuffer<ffi::F32> out,
+                       int64_t id) {
+  const Shape shape = shape_of(x);
+  const NetworkFn fn = network_fn(id);
+  if (!shape.ok || fn == nullptr) {
+    return ffi::Error::InvalidArgument(
+        "network: x must be (..., n, d) and the network registered");
+  }
+  const int64_t n = shape.n, d = shape.d, batch = shape.batch;
+  // A compare-exchange costs about as much as reading its two values.
+  const int threads = thread_count(4.0 * n * d);
+  using T = ffi::NativeType<DT>;
+  for (int64_t b = 0; b < batch; ++b) {
+    const T* xb = x.typed_data() + b * n * d;
+    float* ob = out->typed_data() + b * d;
+    std::vector<const void*> rows(n);
+    for (int64_t i = 0; i < n; ++i) rows[i] = xb + i * d;
+    split_columns(d, threads, [&](int, int64_t lo, int64_t hi) {
+      const int64_t full = lo + (hi - lo) / 8 * 8;
+      if (full > lo) fn(rows.data(), ob, lo, full);
+      if (full == hi) return;
+      // The column tail, padded to one vector with zeros.
+      std::vector<T> pad(n * 8, T{});
+      std::vector<const void*> padded(n);
+      for (int64_t i = 0; i < n; ++i) {
+        std::copy(xb + i * d + full, xb + i * d + hi, pad.data() + i * 8);
+        padded[i] = pad.data() + i * 8;
+      }
+      float tail[8];
+      fn(padded.data(), tail, 0, 8);
+      std::copy(tail, tail + (hi - full), ob + full);
+    });
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+// Called once per generated network (byzjax/_native/networks.py) before any
+// computation names its id.
+extern "C" void ByzjaxRegisterNetwork(int64_t id, NetworkFn fn) {
+  std::lock_guard<std::mutex> lock(network_mutex);
+  network_fns[id] = fn;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxPairwiseSqDists,
                               PairwiseSqDistsImpl<ffi::DataType::F32>,
@@ -925,3 +991,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxF32Rows, RowRuleImpl<ffi::DataType::F32>,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("mode"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxNetwork, NetworkImpl<ffi::DataType::F32>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("id"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxNetworkBf16, NetworkImpl<ffi::DataType::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("id"));

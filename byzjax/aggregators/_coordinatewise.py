@@ -26,6 +26,14 @@ from byzjax._numerics import (
 from byzjax.aggregators._base import Aggregator, stateless
 
 
+def _networked(rule) -> Aggregator:
+    """A stateless rule from `rule(stored)`: on stored rows its network may run
+    as a generated CPU loop; on rows computed in the same program (after a
+    pre-aggregator) it stays in XLA's fused loop, which reads them as they are
+    computed instead of writing them out first."""
+    return stateless(rule(True), promote=False, fused_fn=rule(False))
+
+
 def median(f: int = 0) -> Aggregator:
     """Coordinate-wise median, Med(X)_j = median(x_0j, ..., x_(n-1)j).
 
@@ -46,12 +54,15 @@ def median(f: int = 0) -> Aggregator:
     """
     f = static_int(f, "median", "f")
 
-    def fn(x, params):
-        n = x.shape[0]
-        require(n >= 2 * f + 1, "median", "n >= 2f + 1", n=n, f=f)
-        return coordinate_median(x)
+    def rule(stored):
+        def fn(x, params):
+            n = x.shape[0]
+            require(n >= 2 * f + 1, "median", "n >= 2f + 1", n=n, f=f)
+            return coordinate_median(x, stored=stored)
 
-    return stateless(fn, promote=False)
+        return fn
+
+    return _networked(rule)
 
 
 def trimmed_mean(f: int = 0, *, b: int | None = None) -> Aggregator:
@@ -77,12 +88,15 @@ def trimmed_mean(f: int = 0, *, b: int | None = None) -> Aggregator:
     f = static_int(f, "trimmed_mean", "f")
     b = f if b is None else static_int(b, "trimmed_mean", "b")
 
-    def fn(x, params):
-        n = x.shape[0]
-        require(n >= 2 * b + 1, "trimmed_mean", "n >= 2b + 1", n=n, f=f, b=b)
-        return coordinate_trimmed_mean(x, b)
+    def rule(stored):
+        def fn(x, params):
+            n = x.shape[0]
+            require(n >= 2 * b + 1, "trimmed_mean", "n >= 2b + 1", n=n, f=f, b=b)
+            return coordinate_trimmed_mean(x, b, stored=stored)
 
-    return stateless(fn, promote=False)
+        return fn
+
+    return _networked(rule)
 
 
 _MAM_VARIANTS = {"xie": 0, "alie": 1}
@@ -124,14 +138,17 @@ def mean_around_median(
         )
     keep = None if keep is None else static_int(keep, rule, "keep", minimum=1)
 
-    def fn(x, params):
-        n = x.shape[0]
-        require(n >= 2 * f + 1, rule, "n >= 2f + 1", n=n, f=f)
-        q = n - f - _MAM_VARIANTS[variant] if keep is None else keep
-        require(1 <= q <= n, rule, "1 <= keep <= n", n=n, f=f, keep=q)
-        return coordinate_mean_around_median(x, q)
+    def build(stored):
+        def fn(x, params):
+            n = x.shape[0]
+            require(n >= 2 * f + 1, rule, "n >= 2f + 1", n=n, f=f)
+            q = n - f - _MAM_VARIANTS[variant] if keep is None else keep
+            require(1 <= q <= n, rule, "1 <= keep <= n", n=n, f=f, keep=q)
+            return coordinate_mean_around_median(x, q, stored=stored)
 
-    return stateless(fn, promote=False)
+        return fn
+
+    return _networked(build)
 
 
 RULES = {
