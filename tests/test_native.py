@@ -159,7 +159,8 @@ def test_failed_build_raises_with_the_compiler_output(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(script))
     with pytest.raises(subprocess.CalledProcessError):
         _native._build_shared("int x;", "kernels")
-    assert list(tmp_path.iterdir()) == []  # no half-written library or source left
+    # No half-written library or generated source is left.
+    assert [p.name for p in tmp_path.iterdir()] == ["cxx"]
 
 
 def test_kernels_differentiate_like_their_formulas():
@@ -509,3 +510,95 @@ def test_bfloat16_kernels_make_no_float32_copy():
     for name, fn in calls.items():
         assert temp_bytes(fn) < size, name
         assert temp_bytes(lambda x, f=fn: f(x.astype(jnp.float32))) >= 2 * size, name
+
+
+def _network_inputs(seed, n, d, dtype):
+    """Columns with NaN, +-Inf, 1e38, signed zeros and ties (small integers)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x[:, : d // 3] = rng.integers(-2, 3, size=(n, d // 3))
+    special = np.array([np.nan, np.inf, -np.inf, 1e38, 0.0, -0.0], np.float32)
+    hit = rng.random((n, d)) < 0.08
+    x[hit] = rng.choice(special, size=hit.sum())
+    return jnp.asarray(x).astype(dtype)
+
+
+def _bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+NETWORK_SHAPES = [(2, 9), (3, 1), (4, 7), (7, 8), (8, 37), (12, 300), (25, 1001)]
+
+
+@pytest.mark.parametrize("n,d", NETWORK_SHAPES + [(31, 40), (32, 17)])
+@X_DTYPES
+def test_network_loops_give_the_xla_forms_bits(n, d, dtype):
+    # The generated loops run the XLA forms' compare-exchanges and arithmetic in
+    # the same order: the same bits, signed zeros and NaN included, column tails
+    # (d mod 8) and the threaded split too.
+    from byzjax._native import networks
+
+    x = _network_inputs(n * 1000 + d, n, d, dtype)
+    cases = {"median": (networks.median_source(n, dtype), nm.coordinate_median)}
+    for b in sorted({1, (n - 1) // 2}):
+        if n - 2 * b >= 1:
+            cases[f"trimmed {b}"] = (
+                networks.trimmed_mean_source(n, b, dtype),
+                lambda x, b=b: nm.coordinate_trimmed_mean(x, b),
+            )
+    if dtype == np.float32:
+        for k in sorted({(n + 1) // 2, n - 1, n}):
+            cases[f"window {k}"] = (
+                networks.window_mean_source(n, k),
+                lambda x, k=k: nm._window_mean(x, k),
+            )
+    for name, (source, xla_form) in cases.items():
+        got = _jit(lambda x, s=source: networks.network_rule(x, s))(x)
+        want = _jit(xla_form)(x)
+        assert got.dtype == want.dtype == jnp.float32, name
+        np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=name)
+
+
+@X_DTYPES
+def test_network_rules_vmap_and_differentiate_like_their_xla_forms(dtype):
+    # Under jax.vmap (sweeps) the loop runs per input; a derivative (the
+    # simulator's influence weights) is the XLA form's.
+    n, d = 9, 50
+    xs = jnp.stack([_network_inputs(s, n, d, dtype) for s in range(3)])
+    xs = jnp.where(jnp.isfinite(xs) & (jnp.abs(xs) < 1e30), xs, 0.5)
+    rules = {
+        "median": lambda x, stored: nm.coordinate_median(x, stored=stored),
+        "trimmed": lambda x, stored: nm.coordinate_trimmed_mean(x, 2, stored=stored),
+        "mean around median": lambda x, stored: nm.coordinate_mean_around_median(
+            x.astype(jnp.float32), 6, stored=stored
+        ),
+    }
+    w = jnp.asarray(np.random.default_rng(0).normal(size=d), jnp.float32)
+    for name, rule in rules.items():
+        batched = jax.jit(jax.vmap(lambda x, r=rule: r(x, True)))(xs)
+        for i in range(3):
+            one = _jit(lambda x, r=rule: r(x, False))(xs[i])
+            np.testing.assert_array_equal(_bits(batched[i]), _bits(one), err_msg=name)
+
+        def loss(x, stored, r=rule):
+            return jnp.sum(r(x.astype(jnp.float32), stored) * w)
+
+        x = xs[0].astype(jnp.float32)
+        np.testing.assert_array_equal(
+            _jit(jax.grad(lambda x: loss(x, True)))(x),
+            _jit(jax.grad(lambda x: loss(x, False)))(x),
+            err_msg=name,
+        )
+
+
+def test_network_loops_are_the_rules_stored_form():
+    # The rules take the loop on stored rows only: no ffi call after a
+    # pre-aggregator (computed rows stay fused), and none with the kernels off.
+    from byzjax import aggregators
+
+    x = jnp.ones((7, 64), jnp.float32)
+    for name in ("median", "trimmed_mean", "mean_around_median"):
+        agg = aggregators.build(name, f=2)
+        for update, calls in ((agg.update, 1), (agg.computed_update, 0)):
+            text = jax.jit(lambda x, u=update: u(x, (), ())[0]).lower(x).as_text()
+            assert text.count("byzjax_network") == calls, name

@@ -21,7 +21,9 @@ or bfloat16 rows for the distances (read as stored, widened to float32 as they a
 loaded, so a bfloat16 x needs no float32 copy; every other operand and the
 distances are float32); `row_rule` (the mean and the sign majority of stored
 float32 or bfloat16 rows): XLA:CPU's loops over 16-bit elements are scalar, and
-its fused loops over many rows read them as interleaved streams.
+its fused loops over many rows read them as interleaved streams; `network` (the
+sorting-network rules over n <= 32 stored rows, in loops generated per network by
+`networks.py`): XLA's fused loop streams the rows without prefetching them.
 """
 
 from __future__ import annotations
