@@ -71,7 +71,8 @@ def _start(x, init):
     finite = jnp.isfinite(norms(x))
     dtype = compute_dtype(x.dtype)
     if init == "median":
-        return coordinate_median(x)
+        # The rows are in memory for the kernels: the median's network too.
+        return coordinate_median(x, stored=kernel_rows(x))
     if init == "mean":
         # Mean of the rows with a finite norm: equal to the plain mean on finite
         # input (RFA parity), but a NaN or 1e38 row cannot make the start non-finite.
@@ -212,7 +213,9 @@ def geometric_median(
             )
         )
         if gram:
-            z0 = coordinate_median(x).astype(jnp.float32) if centred else None
+            z0 = None
+            if centred:  # x is in memory for the kernels: the network too
+                z0 = coordinate_median(x, stored=True).astype(jnp.float32)
             g, q = _native.gram(x, z0)
             if relative_nu:
                 size = root(nan_to_posinf(q))
