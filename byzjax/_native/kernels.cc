@@ -133,8 +133,10 @@ int thread_count(double work) {
 // beside threads of our own (the mean around the median's loop at (25, 1e6): a
 // median of 7.7 ms over 100 calls with a thread of its own, 4.1 ms on the pool).
 // The caller claims ranges too and waits only for ranges another thread has
-// claimed, so a pool busy elsewhere (two such calls at once) cannot deadlock it;
-// a task that starts after the caller returned finds no range left.
+// claimed, so a pool busy elsewhere cannot deadlock it (jax 0.10.2 ran four
+// independent calls of one program one after another, and a caller that only
+// waited did not hang there; XLA may run independent thunks at once). A task
+// that starts after the caller returned finds no range left.
 template <typename Body>
 void split_columns(ffi::ThreadPool& pool, int64_t d, int threads, Body body) {
   struct Split {
