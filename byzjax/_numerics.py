@@ -396,6 +396,7 @@ def _network_kernel(x: jax.Array, dtypes=(jnp.float32, jnp.bfloat16)) -> bool:
         1 < x.shape[0] <= FULL_NETWORK_MAX_N
         and bool(x.size)
         and _native.usable(x, dtypes=dtypes)
+        and networks.supported()
     )
 
 

@@ -608,3 +608,28 @@ def test_network_loops_are_the_rules_stored_form():
         for update, calls in ((agg.update, 1), (agg.computed_update, 0)):
             text = jax.jit(lambda x, u=update: u(x, (), ())[0]).lower(x).as_text()
             assert text.count("byzjax_network") == calls, name
+
+
+def test_network_loops_fall_back_to_xla_when_they_cannot_build(tmp_path, monkeypatch):
+    # Without a compiler for AVX2 code (another architecture, say) the rules
+    # warn once and keep XLA's loops, with the same values.
+    from byzjax._native import networks
+
+    assert _native.enabled()  # the kernels themselves are built already
+    script = tmp_path / "cxx"
+    script.write_text("#!/bin/sh\necho 'cc 1.0'\n[ \"$1\" = --version ] || exit 3\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("BYZJAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(script))
+    networks.supported.cache_clear()
+    networks._register.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="sorting-network loops"):
+            assert not networks.supported()
+        x = _network_inputs(0, 7, 40, np.float32)
+        fn = jax.jit(lambda x: nm.coordinate_median(x, stored=True))
+        assert "byzjax_network" not in fn.lower(x).as_text()
+        np.testing.assert_array_equal(_bits(fn(x)), _bits(nm.coordinate_median(x)))
+    finally:
+        networks.supported.cache_clear()
+        networks._register.cache_clear()

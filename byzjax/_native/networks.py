@@ -23,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import subprocess
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +170,24 @@ def window_mean_source(n: int, k: int) -> str:
             f'_mm256_blendv_ps({mean}, _mm256_set1_ps(__builtin_nanf("")), {unsure})'
         )
     )
+
+
+@functools.cache
+def supported() -> bool:
+    """Whether the loops build here (AVX2 intrinsics: x86-64 compilers for a CPU
+    that has it); if not, with a warning once, the rules keep their XLA loops."""
+    try:
+        _register(median_source(3, jnp.float32))
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        warnings.warn(
+            "byzjax: the sorting-network loops could not be built; the median, "
+            f"trimmed mean and mean around the median use XLA's. {detail[-2000:]}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 @functools.cache
