@@ -134,12 +134,12 @@ int thread_count(double work) {
 // of XLA's intra-op thread pool, so no thread is created per call and the pool's
 // threads work instead of idling beside new ones (alternated with a thread per
 // range in three pairs of processes at (25, 1e6), the times were the same:
-// Krum 6.92-7.09 against 6.97-7.06 ms). The caller claims ranges too and waits
-// only for ranges another thread has claimed, so a pool busy elsewhere cannot
-// deadlock it (jax 0.10.2 ran four independent calls of one program one after
-// another, and a caller that only waited did not hang there; XLA may run
-// independent thunks at once). A task that starts after the caller returned
-// finds no range left.
+// Krum 6.92-7.09 ms on threads, 6.97-7.06 on the pool). The caller claims
+// ranges too and waits only for ranges another thread has claimed, so a pool
+// busy elsewhere cannot deadlock it (jax 0.10.2 ran four independent calls of
+// one program one after another, and a caller that only waited did not hang
+// there; XLA may run independent thunks at once). A task that starts after the
+// caller returned finds no range left.
 template <typename Body>
 void split_columns(ffi::ThreadPool& pool, int64_t d, int threads, Body body) {
   struct Split {
