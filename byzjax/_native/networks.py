@@ -55,10 +55,11 @@ def _low_wires_first(pairs):
     """`pairs` (a, b, ...) reordered as a network may run them (each after the
     earlier ones on its wires), the ready pair with the lowest upper wire b
     first: the low wires' sub-networks finish before the high rows are loaded,
-    so fewer values are live at once. GCC then spilled less: the window's loop
-    at n = 25 kept 136 register moves and spills per 8 columns instead of 197,
-    and took 169 instead of 184 cycles from cache, 184 instead of 205 from
-    memory on two cores (the median 116 / 145 against 122 / 163)."""
+    so fewer values are live at once. GCC then spilled less (with each row
+    loaded at its first use): the window's loop at n = 25 kept 110 register
+    moves and spills per 8 columns instead of 171, and took 169 instead of 184
+    cycles from cache, 184 instead of 205 from memory on two cores (the median
+    116 / 145 against 122 / 163)."""
     last, waiting, users = {}, [], [[] for _ in pairs]
     for i, (a, b, *_) in enumerate(pairs):
         before = {last[w] for w in (a, b) if w in last}
