@@ -11,9 +11,9 @@ version, compiles with GCC to the same loop; with the prefetches it read
 (25, 1e6) in 2.74-2.83 ms against XLA's 3.9-4.1.
 
 A loop is generated per rule, n and its parameters (`median_source`,
-`trimmed_mean_source`, `window_mean_source`): the same compare-exchanges,
-in the same order, and the same arithmetic after them as the XLA forms in
-`byzjax._numerics`, so both give the same bits. It is compiled on first use
+`trimmed_mean_source`, `window_mean_source`): the same compare-exchanges
+(each wire's in the same order) and the same arithmetic after them as the XLA
+forms in `byzjax._numerics`, so both give the same bits. It is compiled on first use
 (about 0.6 s), cached next to the kernels' library, and registered with it by
 an id that the `network` custom call carries.
 """
