@@ -367,12 +367,19 @@ def _library() -> ctypes.CDLL | None:
             capsule = jax.ffi.pycapsule(getattr(lib, symbol))
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     except (OSError, subprocess.CalledProcessError, AttributeError) as err:
-        detail = getattr(err, "stderr", "") or str(err)
-        warnings.warn(
-            "byzjax: the CPU kernels could not be built; the distance rules use "
-            f"their slower pure-XLA forms. {detail[-2000:]}",
-            RuntimeWarning,
-            stacklevel=2,
+        warn_unbuilt(
+            "the CPU kernels could not be built; the distance rules use their "
+            "slower pure-XLA forms.",
+            err,
         )
         return None
     return lib
+
+
+def warn_unbuilt(consequence: str, err: Exception) -> None:
+    """A RuntimeWarning that a library could not be built: `consequence`, then the
+    end of the compiler's output (or the error)."""
+    detail = getattr(err, "stderr", "") or str(err)
+    warnings.warn(
+        f"byzjax: {consequence} {detail[-2000:]}", RuntimeWarning, stacklevel=3
+    )

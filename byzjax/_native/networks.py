@@ -25,13 +25,12 @@ import functools
 import hashlib
 import heapq
 import subprocess
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from byzjax._native import _build_shared, _require
+from byzjax._native import _build_shared, _require, warn_unbuilt
 from byzjax._sorting import batcher_pairs, partition_pairs
 
 # Prefetch distance: each row 512 bytes ahead (from XLA's loop, alone, at
@@ -212,12 +211,10 @@ def supported() -> bool:
     try:
         _register(median_source(3, jnp.float32))
     except (OSError, subprocess.CalledProcessError, RuntimeError) as err:
-        detail = getattr(err, "stderr", "") or str(err)
-        warnings.warn(
-            "byzjax: the sorting-network loops could not be built; the median, "
-            f"trimmed mean and mean around the median use XLA's. {detail[-2000:]}",
-            RuntimeWarning,
-            stacklevel=2,
+        warn_unbuilt(
+            "the sorting-network loops could not be built; the median, trimmed "
+            "mean and mean around the median use XLA's.",
+            err,
         )
         return False
     return True
