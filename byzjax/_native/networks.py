@@ -37,6 +37,8 @@ from byzjax._sorting import batcher_pairs, partition_pairs
 # (25, 1e6): 256 bytes 183, 512 and 1,024 bytes 164, 2,048 bytes 174 cycles per
 # 8 columns).
 _PREFETCH_BYTES = 512
+# GCC's scheduler before register allocation, aware of register pressure: the
+# median's loop 117 against 121 cycles per 8 columns from cache.
 _FLAGS = ("-O3", "-march=native", "-fschedule-insns", "-fsched-pressure")
 
 _LOAD = {
