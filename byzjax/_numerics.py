@@ -22,9 +22,11 @@ from byzjax._sorting import (
     FULL_NETWORK_MAX_N,
     SELECT_MAX_N,
     _nan_to_posinf,
+    middle_ranks,
     order_statistics,
     ranked_rows,
     sort_rows,
+    window_cuts,
 )
 
 HIGHEST = lax.Precision.HIGHEST
@@ -422,7 +424,7 @@ def coordinate_median(x: jax.Array, *, stored: bool = False) -> jax.Array:
         return _through_network(x, source, coordinate_median)
     if n % 2:
         return order_statistics(x, [n // 2])[0]
-    lo, hi = order_statistics(x, [n // 2 - 1, n // 2])
+    lo, hi = order_statistics(x, middle_ranks(n))
     return 0.5 * (lo + hi)
 
 
@@ -614,9 +616,8 @@ def _window_mean(x: jax.Array, k: int) -> jax.Array:
     """The window's mean, NaN where a tie or a non-finite median makes the window
     possibly not SPEC T0's set (see `coordinate_mean_around_median`); 2k >= n."""
     n = x.shape[0]
-    mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
-    alone = {*range(n - k), *range(k, n), *mid}  # the window's possible ends, m
-    r = ranked_rows(x, cuts=[c for i in alone for c in (i, i + 1)])
+    mid = middle_ranks(n)
+    r = ranked_rows(x, cuts=window_cuts(n, k))
     m = r[mid[0]] if n % 2 else 0.5 * (r[mid[0]] + r[mid[1]])
     # i < s exactly when r_(i+k) - m < m - r_i (rounding keeps both sides
     # monotone in i), so the window holds r_(i+k) then, else r_i. Equality

@@ -85,6 +85,18 @@ def partition_pairs(n: int, cuts: tuple[int, ...]) -> tuple[tuple[int, int], ...
     return tuple(reversed(kept))
 
 
+def middle_ranks(n: int) -> tuple[int, ...]:
+    """The 0-based ranks whose average is the median of n values (SPEC D4)."""
+    return (n // 2,) if n % 2 else (n // 2 - 1, n // 2)
+
+
+def window_cuts(n: int, k: int) -> tuple[int, ...]:
+    """`partition_pairs` cuts for the mean around the median's window of k of n
+    ranks (2k >= n): its possible ends and the median ranks each alone."""
+    alone = {*range(n - k), *range(k, n), *middle_ranks(n)}
+    return tuple(sorted({c for i in alone for c in (i, i + 1)}))
+
+
 def _network(
     rows: list[jax.Array], select: bool, pairs: Sequence[tuple[int, int]] | None = None
 ) -> list[jax.Array]:

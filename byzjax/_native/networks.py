@@ -31,7 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from byzjax._native import _build_shared, _require, warn_unbuilt
-from byzjax._sorting import batcher_pairs, partition_pairs
+from byzjax._sorting import (
+    batcher_pairs,
+    middle_ranks,
+    partition_pairs,
+    window_cuts,
+)
 
 # Prefetch distance: each row 512 bytes ahead (from XLA's loop, alone, at
 # (25, 1e6): 256 bytes 183, 512 and 1,024 bytes 164, 2,048 bytes 174 cycles per
@@ -138,10 +143,10 @@ class _Loop:
         return self.value(f"_mm256_mul_ps({total}, _mm256_set1_ps({inverse}f))")
 
     def median(self, r: list[str]) -> str:
-        n = len(r)
-        if n % 2:
-            return r[n // 2]
-        pair = self.value(f"_mm256_add_ps({r[n // 2 - 1]}, {r[n // 2]})")
+        ranks = middle_ranks(len(r))
+        if len(ranks) == 1:
+            return r[ranks[0]]
+        pair = self.value(f"_mm256_add_ps({r[ranks[0]]}, {r[ranks[1]]})")
         return self.value(f"_mm256_mul_ps(_mm256_set1_ps(0.5f), {pair})")
 
     def source(self, out: str) -> str:
@@ -162,8 +167,7 @@ extern "C" void byzjax_network(const void* const* rows, float* out, int64_t lo,
 def median_source(n: int, dtype) -> str:
     """`byzjax._numerics.coordinate_median` (n <= 32)."""
     loop = _Loop(n, dtype)
-    mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
-    return loop.source(loop.median(loop.network(batcher_pairs(n), mid)))
+    return loop.source(loop.median(loop.network(batcher_pairs(n), middle_ranks(n))))
 
 
 def trimmed_mean_source(n: int, b: int, dtype) -> str:
@@ -179,10 +183,7 @@ def window_mean_source(n: int, k: int) -> str:
     """`byzjax._numerics._window_mean` (float32, n <= 32, 2k >= n): NaN where a
     tie or a non-finite median leaves the window to the worker-order form."""
     loop = _Loop(n, jnp.float32)
-    mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
-    alone = {*range(n - k), *range(k, n), *mid}
-    cuts = tuple(sorted({c for i in alone for c in (i, i + 1)}))
-    r = loop.network(partition_pairs(n, cuts), range(n))
+    r = loop.network(partition_pairs(n, window_cuts(n, k)), range(n))
     m = loop.median(r)
     ends, ties = [], loop.value("_mm256_setzero_ps()")
     for i in range(n - k):
