@@ -19,22 +19,45 @@ import jax.numpy as jnp
 import jaxlib
 
 
-def hardware() -> dict:
-    """Device, CPU model and versions, recorded with every measurement."""
-    cpu = platform.processor()
+def _cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    info: dict = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                if not line.strip():
                     break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
+    return info
+
+
+def hardware() -> dict:
+    """Device, CPU model and versions, recorded with every measurement."""
+    info = _cpuinfo()
+    cpu = info.get("model name", platform.processor())
+    flags = info.get("flags", "").split()
+    vector = next(
+        (
+            name
+            for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+            if flag in flags
+        ),
+        "no AVX2",
+    )
+    # The model name alone does not tell the machines apart (a VM may report only
+    # "Intel(R) Xeon(R) Processor"): family, model and the widest vector unit do.
+    isa = (
+        f"family {info.get('cpu family', '?')} model {info.get('model', '?')}, {vector}"
+    )
     dev = jax.devices()[0]
     return {
         "platform": dev.platform,
         "device": dev.device_kind,
         "cpu": cpu,
+        "cpu_isa": isa,
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,

@@ -536,26 +536,38 @@ def _bits(a):
 NETWORK_SHAPES = [(2, 9), (3, 1), (4, 7), (7, 8), (8, 37), (12, 300), (25, 1001)]
 
 
-@pytest.mark.parametrize("n,d", NETWORK_SHAPES + [(31, 40), (32, 17)])
-@X_DTYPES
-def test_network_loops_give_the_xla_forms_bits(n, d, dtype):
-    # The generated loops run the XLA forms' compare-exchanges and arithmetic in
-    # the same order: the same bits, signed zeros and NaN included, column tails
-    # (d mod 8) and the threaded split too.
+def _widths_here():
+    # AVX2's 8 columns a step run on every CPU the loops build for; AVX-512's 16
+    # only where the CPU has it (the suite's machines have had either).
     from byzjax._native import networks
 
+    return sorted({8, networks.native_width()})
+
+
+@pytest.mark.parametrize("width", [8, 16])
+@pytest.mark.parametrize("n,d", NETWORK_SHAPES + [(31, 40), (32, 17)])
+@X_DTYPES
+def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
+    # The generated loops run the XLA forms' compare-exchanges and arithmetic in
+    # the same order: the same bits, signed zeros and NaN included, column tails
+    # (d mod width) and the threaded split too.
+    from byzjax._native import networks
+
+    if width not in _widths_here():
+        pytest.skip(f"this CPU has no {width}-lane loops (AVX-512)")
     x = _network_inputs(n * 1000 + d, n, d, dtype)
-    cases = {"median": (networks.median_source(n, dtype), nm.coordinate_median)}
+    median = networks.median_source(n, dtype, width)
+    cases = {"median": (median, nm.coordinate_median)}
     for b in sorted({1, (n - 1) // 2}):
         if n - 2 * b >= 1:
             cases[f"trimmed {b}"] = (
-                networks.trimmed_mean_source(n, b, dtype),
+                networks.trimmed_mean_source(n, b, dtype, width),
                 lambda x, b=b: nm.coordinate_trimmed_mean(x, b),
             )
     if dtype == np.float32:
         for k in sorted({(n + 1) // 2, n - 1, n}):
             cases[f"window {k}"] = (
-                networks.window_mean_source(n, k),
+                networks.window_mean_source(n, k, width),
                 lambda x, k=k: nm._window_mean(x, k),
             )
     for name, (source, xla_form) in cases.items():
