@@ -391,11 +391,13 @@ def smallest_k(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return -values, index
 
 
-def _network_kernel(x: jax.Array, dtypes=(jnp.float32, jnp.bfloat16)) -> bool:
+def _network_kernel(
+    x: jax.Array, dtypes=(jnp.float32, jnp.bfloat16), max_n=FULL_NETWORK_MAX_N
+) -> bool:
     """Whether a rule over stored rows x runs its network as a generated CPU loop
-    (`byzjax._native.networks`): n <= `FULL_NETWORK_MAX_N`, on the CPU."""
+    (`byzjax._native.networks`): n <= `max_n`, on the CPU."""
     return (
-        1 < x.shape[0] <= FULL_NETWORK_MAX_N
+        1 < x.shape[0] <= max_n
         and bool(x.size)
         and _native.usable(x, dtypes=dtypes)
         and networks.supported()
@@ -419,7 +421,10 @@ def coordinate_median(x: jax.Array, *, stored: bool = False) -> jax.Array:
     prefetches the rows XLA's fused loop streams without.
     """
     n = x.shape[0]
-    if stored and _network_kernel(x):
+    # Above 32 rows XLA's bfloat16 network compares by min/max (`order_statistics`),
+    # whose signed zeros differ from the loop's selects: float32 only there.
+    wide = (jnp.float32,) if n > FULL_NETWORK_MAX_N else (jnp.float32, jnp.bfloat16)
+    if stored and _network_kernel(x, wide, networks.median_max_n()):
         source = networks.median_source(n, x.dtype.type)
         return _through_network(x, source, coordinate_median)
     if n % 2:

@@ -577,6 +577,22 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
         np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=name)
 
 
+@pytest.mark.parametrize("n,d", [(33, 37), (64, 20), (100, 19), (128, 17)])
+@X_DTYPES
+def test_median_loops_above_32_rows_give_the_xla_bits(n, d, dtype):
+    # With AVX-512 the float32 median runs as a loop up to 128 rows; the rule
+    # takes it where `median_max_n` says so (bfloat16 keeps XLA's loop there).
+    from byzjax._native import networks
+
+    if n > networks.median_max_n():
+        pytest.skip("this CPU runs the median above 32 rows in XLA's loop")
+    x = _network_inputs(n * 1000 + d, n, d, dtype)
+    fn = _jit(lambda x: nm.coordinate_median(x, stored=True))
+    loop = "byzjax_network" in jax.jit(fn).lower(x).as_text()
+    assert loop == (dtype == np.float32)
+    np.testing.assert_array_equal(_bits(fn(x)), _bits(_jit(nm.coordinate_median)(x)))
+
+
 @X_DTYPES
 def test_network_rules_vmap_and_differentiate_like_their_xla_forms(dtype):
     # Under jax.vmap (sweeps) the loop runs per input; a derivative (the

@@ -1,4 +1,5 @@
-"""Sorting-network rules over n <= 32 rows as generated CPU loops.
+"""Sorting-network rules over the rows as generated CPU loops (n <= 32; the
+median up to 128 rows with AVX-512).
 
 XLA fuses a sorting network over the rows into one loop that LLVM compiles well
 (the median of 25 rows: 202 min/max, 80 spills and 74 reloads per 8 columns,
@@ -8,7 +9,11 @@ prefetch: taken out of XLA's object file and run alone on this project's
 and 164 with a prefetch of every row 512 bytes ahead (docs/performance.md).
 The same network written as straight-line AVX2 code, one SSA value per wire
 version, compiles with GCC to the same loop; with the prefetches it read
-(25, 1e6) in 2.74-2.83 ms against XLA's 3.9-4.1.
+(25, 1e6) in 2.74-2.83 ms against XLA's 3.9-4.1 (AMD Zen 3). Where the CPU
+has AVX-512 the loops take 16 columns a step in 32 registers (`native_width`):
+on the 2-core Xeon (family 6 model 207) at (25, 1e6), alternated with the read
+floor (`ones @ x`, 3.5 ms), the median took 2.4 against 3.4 ms with 8 columns a
+step, the trimmed mean 2.4 against 3.8 and the window 2.8 against 5.1.
 
 A loop is generated per rule, n and its parameters (`median_source`,
 `trimmed_mean_source`, `window_mean_source`): the same compare-exchanges
@@ -32,6 +37,8 @@ import numpy as np
 
 from byzjax._native import _build_shared, _require, warn_unbuilt
 from byzjax._sorting import (
+    FULL_NETWORK_MAX_N,
+    NETWORK_MAX_N,
     batcher_pairs,
     middle_ranks,
     partition_pairs,
@@ -77,9 +84,17 @@ def _cpu_flags() -> set[str]:
 @functools.cache
 def native_width() -> int:
     """Columns per step of the loops on this CPU: 16 (AVX-512's 32 registers of
-    16 lanes) where it has AVX-512F, else 8 (AVX2's 16 of 8). On the 2-core Xeon
-    (family 6 model 207) at (25, 1e6) the 16-lane loops took PLACEHOLDER."""
+    16 lanes) where it has AVX-512F, else 8 (AVX2's 16 of 8): see the module's
+    docstring for the times."""
     return 16 if "avx512f" in _cpu_flags() else 8
+
+
+def median_max_n() -> int:
+    """The largest n whose median runs as a loop here. With AVX-512's registers the
+    loop beats XLA's up to `NETWORK_MAX_N` rows (at (100, 1e6) on the 2-core Xeon,
+    alternated: 52 against 71 ms, the floor 19; AVX2's loop 76 ms, spill-bound);
+    it is a selection, so its bits are XLA's whatever the order of its sums."""
+    return NETWORK_MAX_N if native_width() == 16 else FULL_NETWORK_MAX_N
 
 
 def _low_wires_first(pairs):
@@ -231,8 +246,8 @@ extern "C" void byzjax_network(const void* const* rows, float* out, int64_t lo,
 
 
 def median_source(n: int, dtype, width: int | None = None) -> str:
-    """`byzjax._numerics.coordinate_median` (n <= 32); `width` columns a step,
-    this CPU's `native_width()` unless given."""
+    """`byzjax._numerics.coordinate_median` (n <= `median_max_n()`); `width`
+    columns a step, this CPU's `native_width()` unless given."""
     loop = _Loop(n, dtype, width or native_width())
     return loop.source(loop.median(loop.network(batcher_pairs(n), middle_ranks(n))))
 
