@@ -29,6 +29,7 @@ import ctypes
 import functools
 import hashlib
 import heapq
+import re
 import subprocess
 
 import jax
@@ -49,9 +50,16 @@ from byzjax._sorting import (
 # (25, 1e6): 256 bytes 183, 512 and 1,024 bytes 164, 2,048 bytes 174 cycles per
 # 8 columns).
 _PREFETCH_BYTES = 512
-# GCC's scheduler before register allocation, aware of register pressure: the
-# median's loop 117 against 121 cycles per 8 columns from cache.
-_FLAGS = ("-O3", "-march=native", "-fschedule-insns", "-fsched-pressure")
+# Compiler flags by columns a step. For AVX2, GCC's scheduler before register
+# allocation, aware of register pressure: the median's loop at n = 25 117
+# against 121 cycles per 8 columns from cache (AMD Zen 3). For AVX-512 it spilled
+# more: the median of 100 rows kept 881 spills per 16 columns with it, 127
+# without, and took 61-64 against 51 ms at (100, 1e6) on the 2-core Xeon (no
+# difference at n = 25, which reads at the floor either way).
+_FLAGS = {
+    8: ("-O3", "-march=native", "-fschedule-insns", "-fsched-pressure"),
+    16: ("-O3", "-march=native"),
+}
 
 # Row i's `width` values from rows[i] + k as float32: a bfloat16 widened by a
 # shift of its bits.
@@ -305,11 +313,11 @@ def supported() -> bool:
 def _register(source: str) -> int:
     """Compiles `source` (cached on disk), registers its loop; returns its id."""
     lib = _require()
-    path = _build_shared(source, "network", _FLAGS)
+    width = int(re.search(r"byzjax_network_width = (\d+);", source).group(1))
+    path = _build_shared(source, "network", _FLAGS[width])
     loop = ctypes.cdll.LoadLibrary(str(path))
     ident = int(hashlib.sha256(source.encode()).hexdigest()[:15], 16)
     address = ctypes.cast(loop.byzjax_network, ctypes.c_void_p).value
-    width = ctypes.c_int64.in_dll(loop, "byzjax_network_width").value
     lib.ByzjaxRegisterNetwork(
         ctypes.c_int64(ident), ctypes.c_void_p(address), ctypes.c_int64(width)
     )
