@@ -35,6 +35,9 @@
 // widened by a shift as they are loaded, so no float32 copy of x exists.
 // Non-finite input flows through IEEE arithmetic: a NaN or Inf row gives NaN or
 // Inf sums, which the Python side maps to +Inf.
+// Where the CPU has AVX-512 (the library is built with -march=native), the Gram
+// and pairwise kernels take 16 columns a step in larger register tiles
+// (`gram_tile16`, `tile16`; docs/performance.md, session 11); elsewhere AVX2.
 
 #include <algorithm>
 #include <atomic>
@@ -273,6 +276,12 @@ inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// The 16 float32 lanes of v summed pairwise into 8 float64 lanes.
+inline __m512d widened(__m512 v) {
+  return _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                       _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)));
+}
+
 // The AVX-512 form of `tile`, 16 columns a step: twice the lanes of each
 // subtraction and multiply-add, and 32 registers for a 5 x 4 tile (20
 // accumulators, 5 held rows, one streamed, one difference). The lanes are
@@ -297,9 +306,7 @@ void tile16(const T* x, int64_t d, int64_t n, int64_t i0, int64_t j0, int64_t lo
   }
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) {
-      double total = _mm512_reduce_add_pd(_mm512_add_pd(
-          _mm512_cvtps_pd(_mm512_castps512_ps256(s[r][c])),
-          _mm512_cvtps_pd(_mm512_extractf32x8_ps(s[r][c], 1))));
+      double total = _mm512_reduce_add_pd(widened(s[r][c]));
       for (int64_t j = k; j < hi; ++j) {
         double t = static_cast<double>(to_float(x[(i0 + r) * d + j])) -
                    to_float(x[(j0 + c) * d + j]);
@@ -582,11 +589,7 @@ void gram_tile16(const T* x, const float* c, int64_t d, int64_t stride, int64_t 
     // The run's lanes into float64 lanes: a run's rounding stays within it.
     for (int r = 0; r < R; ++r) {
       for (int j = 0; j < C; ++j) {
-        const __m512 v = s[r][j];
-        wide[r][j] = _mm512_add_pd(
-            wide[r][j],
-            _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
-                          _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1))));
+        wide[r][j] = _mm512_add_pd(wide[r][j], widened(s[r][j]));
       }
     }
   }
