@@ -947,12 +947,51 @@ inline void store_out(v8 v, int64_t count, float* dst) {
   std::copy(lanes, lanes + count, dst);
 }
 
+#if defined(__AVX512F__)
+// The same terms 16 columns a step, where the CPU has AVX-512: the same
+// operations per lane, so the same bits.
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+template <typename T>
+inline v16 load_row16(const T* p) {
+  const __m512 w = load16(p);
+  v16 v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+template <int Mode>
+using Term16 = std::conditional_t<Mode == 0, v16, i32x16>;
+
+template <int Mode>
+inline Term16<Mode> term16(v16 v) {
+  if constexpr (Mode == 0) {
+    return v;
+  } else {
+    i32x16 up = Mode == 1 ? (v > 0.0f) : (v >= 0.0f);
+    i32x16 down = v < 0.0f;
+    return down - up;
+  }
+}
+#endif
+
 // Adds R rows' terms over `len` columns to the sums: R = 4 rows per pass over
 // the sums (one load and store of them per 4 rows; row by row the sign majority
 // of (25, 1e6) float32 took 10.2 ms against XLA's fused 7.5 ms).
 template <typename T, int Mode, int R>
 void add_rows(float* acc, const T* const* rows, int64_t len) {
   int64_t k = 0;
+#if defined(__AVX512F__)
+  for (; k + 16 <= len; k += 16) {
+    Term16<Mode> t = term16<Mode>(load_row16(rows[0] + k));
+    for (int r = 1; r < R; ++r) t += term16<Mode>(load_row16(rows[r] + k));
+    Term16<Mode> a;
+    std::memcpy(&a, acc + k, sizeof(a));
+    a += t;
+    std::memcpy(acc + k, &a, sizeof(a));
+  }
+#endif
   for (; k + 8 <= len; k += 8) {
     Term<Mode> t = term<Mode>(load_row(rows[0] + k));
     for (int r = 1; r < R; ++r) t += term<Mode>(load_row(rows[r] + k));
