@@ -5,7 +5,8 @@ runs, GB/s (bytes of the (n, d) input read once / time) and the fraction of the 
 floor measured in the same run on the same array (floor seconds / rule seconds; 1.0 =
 at the floor). Pre-aggregators are timed chained before `mean`. The rules with a
 read-floor target are timed once more alternated call by call with the floor forms
-(`paired_floor_fraction`): the machine's speed drifts between separate timings.
+(`paired_floor_fraction`, 25 rounds): the machine's speed drifts between separate
+timings.
 With `--vmap B` each rule is also timed `jax.vmap`ped over B inputs of (n, d / B)
 (a sweep's shape) against B calls on them one after the other (`vmap_ratio`).
 
@@ -95,8 +96,11 @@ def measure(kind, name, x, f, repeats):
     )
 
 
-def paired(name, x, f, repeats: int = 9) -> dict:
-    """The rule and the read floor alternated call by call (see `alternate`)."""
+def paired(name, x, f, repeats: int = 25) -> dict:
+    """The rule and the read floor alternated call by call (see `alternate`): 25
+    rounds, the median of each. 9 rounds were too few on the Intel Xeon VM, whose
+    slow stretches last about as long: the sign majority of (25, 1e6) read 2.17x
+    the floor in a 9-round grid and 0.94-0.96x in 30-round runs minutes apart."""
     agg = byzjax.aggregators.build(name, f=f, **RULE_PARAMS.get(name, {}))
     rule_s, floor_s = paired_floor(_rule_fn(agg), x, repeats)
     return {
