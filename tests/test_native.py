@@ -8,7 +8,9 @@ rules fall back to are tested on the same oracle in test_numerics.py and
 test_aggregators.py (BYZJAX_NATIVE=0).
 """
 
+import os
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -661,3 +663,29 @@ def test_network_loops_fall_back_to_xla_when_they_cannot_build(tmp_path, monkeyp
     finally:
         networks.supported.cache_clear()
         networks._register.cache_clear()
+
+
+def test_avx2_forms_where_the_cpu_has_avx512(tmp_path):
+    # The suite's machines have had AVX2 only (AMD Zen 3) and AVX-512 (Intel Xeon).
+    # On the latter the kernels build their AVX-512 forms, so the AVX2 ones are
+    # built here too (a cache of their own) and run through the kernels' oracle
+    # tests in a child process; the network loops test both widths above.
+    from byzjax._native import networks
+
+    if networks.native_width() != 16:
+        pytest.skip("this CPU builds the AVX2 forms already")
+    env = {
+        **os.environ,
+        "BYZJAX_NATIVE_FLAGS": "-mno-avx512f",
+        "BYZJAX_CACHE_DIR": str(tmp_path),
+    }
+    chosen = "matches_numpy or rounds_bfloat16 or error_within or vmap_over"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        + ["-k", chosen],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout.splitlines()[-1]

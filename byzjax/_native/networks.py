@@ -29,6 +29,7 @@ import ctypes
 import functools
 import hashlib
 import heapq
+import os
 import re
 import subprocess
 
@@ -94,7 +95,9 @@ def native_width() -> int:
     """Columns per step of the loops on this CPU: 16 (AVX-512's 32 registers of
     16 lanes) where it has AVX-512F, else 8 (AVX2's 16 of 8): see the module's
     docstring for the times."""
-    return 16 if "avx512f" in _cpu_flags() else 8
+    # `-mno-avx512f` in the kernels' extra flags builds the AVX2 forms everywhere.
+    avx2_only = "-mno-avx512f" in os.environ.get("BYZJAX_NATIVE_FLAGS", "")
+    return 16 if "avx512f" in _cpu_flags() and not avx2_only else 8
 
 
 def median_max_n() -> int:
