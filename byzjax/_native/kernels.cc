@@ -898,19 +898,25 @@ inline v8 finish(v8 sum, float n) {
 }
 
 // What a row adds to the block's sums: its values (mode 0), or its sign votes in
-// int32 lanes (modes 1 and 2), from the comparison masks (-1 where true).
+// int32 lanes (modes 1 and 2), from the comparison masks (-1 where true); F and I
+// are float and int32 vectors of one width.
+template <int Mode, typename F, typename I>
+inline std::conditional_t<Mode == 0, F, I> term_of(F v) {
+  if constexpr (Mode == 0) {
+    return v;
+  } else {
+    I up = Mode == 1 ? (v > 0.0f) : (v >= 0.0f);
+    I down = v < 0.0f;
+    return down - up;
+  }
+}
+
 template <int Mode>
 using Term = std::conditional_t<Mode == 0, v8, i32x8>;
 
 template <int Mode>
 inline Term<Mode> term(v8 v) {
-  if constexpr (Mode == 0) {
-    return v;
-  } else {
-    i32x8 up = Mode == 1 ? (v > 0.0f) : (v >= 0.0f);
-    i32x8 down = v < 0.0f;
-    return down - up;
-  }
+  return term_of<Mode, v8, i32x8>(v);
 }
 
 template <int Mode>
@@ -966,13 +972,7 @@ using Term16 = std::conditional_t<Mode == 0, v16, i32x16>;
 
 template <int Mode>
 inline Term16<Mode> term16(v16 v) {
-  if constexpr (Mode == 0) {
-    return v;
-  } else {
-    i32x16 up = Mode == 1 ? (v > 0.0f) : (v >= 0.0f);
-    i32x16 down = v < 0.0f;
-    return down - up;
-  }
+  return term_of<Mode, v16, i32x16>(v);
 }
 #endif
 
