@@ -18,25 +18,12 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-
-def _cpuinfo() -> dict:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
-    info: dict = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return info
+from byzjax._native import cpu_info
 
 
 def hardware() -> dict:
     """Device, CPU model and versions, recorded with every measurement."""
-    info = _cpuinfo()
+    info = cpu_info()
     cpu = info.get("model name", platform.processor())
     flags = info.get("flags", "").split()
     vector = next(

@@ -293,14 +293,28 @@ def _require() -> ctypes.CDLL:
     return lib
 
 
-def _cpu_signature() -> str:
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (`model name`, `flags`, `cpu
+    family`, `model`, ...); empty where there is no such file."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            return "".join(
-                line for line in f if line.startswith(("model name", "flags"))
-            )[:4096]
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
+        pass
+    return info
+
+
+def _cpu_signature() -> str:
+    info = cpu_info()
+    if not info:
         return platform.processor()
+    return f"{info.get('model name', '')}\n{info.get('flags', '')}"
 
 
 def _compiler() -> str | None:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from byzjax._native import _build_shared, _require, warn_unbuilt
+from byzjax._native import _build_shared, _require, cpu_info, warn_unbuilt
 from byzjax._sorting import (
     FULL_NETWORK_MAX_N,
     NETWORK_MAX_N,
@@ -79,17 +79,6 @@ _LOAD = {
 WIDTHS = (8, 16)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @functools.cache
 def native_width() -> int:
     """Columns per step of the loops on this CPU: 16 (AVX-512's 32 registers of
@@ -97,7 +86,8 @@ def native_width() -> int:
     docstring for the times."""
     # `-mno-avx512f` in the kernels' extra flags builds the AVX2 forms everywhere.
     avx2_only = "-mno-avx512f" in os.environ.get("BYZJAX_NATIVE_FLAGS", "")
-    return 16 if "avx512f" in _cpu_flags() and not avx2_only else 8
+    has_avx512 = "avx512f" in cpu_info().get("flags", "").split()
+    return 16 if has_avx512 and not avx2_only else 8
 
 
 def median_max_n() -> int:
@@ -244,11 +234,11 @@ class _Loop:
         body = "\n    ".join(self.lines)
         return f"""#include <immintrin.h>
 #include <cstdint>
-extern "C" const int64_t byzjax_network_width = {self.width};
+constexpr int64_t kWidth = {self.width};  // columns a step
 extern "C" void byzjax_network(const void* const* rows, float* out, int64_t lo,
                                int64_t hi) {{
   const {self.vector} inf = {self.prefix}_set1_ps(__builtin_inff());
-  for (int64_t k = lo; k < hi; k += {self.width}) {{
+  for (int64_t k = lo; k < hi; k += kWidth) {{
     {body}
     {self.prefix}_storeu_ps(out + k, {out});
   }}
@@ -316,7 +306,8 @@ def supported() -> bool:
 def _register(source: str) -> int:
     """Compiles `source` (cached on disk), registers its loop; returns its id."""
     lib = _require()
-    width = int(re.search(r"byzjax_network_width = (\d+);", source).group(1))
+    # The width picks the flags and goes to the kernel, which pads the tail to it.
+    width = int(re.search(r"kWidth = (\d+);", source).group(1))
     path = _build_shared(source, "network", _FLAGS[width])
     loop = ctypes.cdll.LoadLibrary(str(path))
     ident = int(hashlib.sha256(source.encode()).hexdigest()[:15], 16)
