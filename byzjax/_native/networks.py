@@ -47,10 +47,24 @@ from byzjax._sorting import (
     window_cuts,
 )
 
-# Prefetch distance: each row 512 bytes ahead (from XLA's loop, alone, at
-# (25, 1e6): 256 bytes 183, 512 and 1,024 bytes 164, 2,048 bytes 174 cycles per
-# 8 columns).
+# Prefetch distance up to 32 rows: each row 512 bytes ahead (from XLA's loop,
+# alone, at (25, 1e6): 256 bytes 183, 512 and 1,024 bytes 164, 2,048 bytes 174
+# cycles per 8 columns).
 _PREFETCH_BYTES = 512
+# Above 32 rows the loop reads too many streams at once for that (the median of
+# 100 rows: 100 row streams, 200 on two cores). Read that way, even a plain sum
+# of the rows took 30-34 ms at (100, 2^20) float32 against 20 ms row after row,
+# and the median's loop 45-55 ms. So the loop runs over column blocks of
+# `_BLOCK_BYTES` per row; while it works on one block, it prefetches the next
+# one into L2, each row's part of it whole, a share of the rows per step. The
+# memory then sees a few sequential streams at a time: the plain sum took 21.5
+# ms, the median's loop 28-34 ms (2 KB blocks no better, 4 KB worse; the
+# prefetch two blocks ahead no better). Each row is also prefetched into L1 one
+# step ahead: from L2 its loads stalled the loop (about 1,600 against 1,050
+# cycles per 16 columns from L1), and 512 bytes ahead is more than L1 holds for
+# 100 rows. `/tmp` programs on the 2-core Xeon (family 6 model 207), two threads.
+_BLOCK_BYTES = 1024
+_BLOCKED_ABOVE_N = FULL_NETWORK_MAX_N
 # Compiler flags by columns a step. For AVX2, GCC's scheduler before register
 # allocation, aware of register pressure: the median's loop at n = 25 117
 # against 121 cycles per 8 columns from cache (AMD Zen 3). For AVX-512 it spilled
@@ -92,8 +106,9 @@ def native_width() -> int:
 
 def median_max_n() -> int:
     """The largest n whose median runs as a loop here. With AVX-512's registers the
-    loop beats XLA's up to `NETWORK_MAX_N` rows (at (100, 1e6) on the 2-core Xeon,
-    alternated: 52 against 71 ms, the floor 19; AVX2's loop 76 ms, spill-bound);
+    loop beats XLA's up to `NETWORK_MAX_N` rows (at (100, 1e6) on the 2-core Xeon:
+    52 against 71 ms, the floor 19, then 27-30 ms with the column blocks, the floor
+    18-20; AVX2's loop 76 ms, spill-bound);
     it is a selection, so its bits are XLA's whatever the order of its sums."""
     return NETWORK_MAX_N if native_width() == 16 else FULL_NETWORK_MAX_N
 
@@ -139,6 +154,7 @@ class _Loop:
         self.n, self.dtype, self.width = n, dtype, width
         self.prefix = {8: "_mm256", 16: "_mm512"}[width]
         self.vector = {8: "__m256", 16: "__m512"}[width]
+        self.blocked = n > _BLOCKED_ABOVE_N
 
     def value(self, expr: str, kind: str | None = None) -> str:
         name = f"v{self.count}"
@@ -153,9 +169,10 @@ class _Loop:
     def row(self, i: int) -> str:
         """Row i's values, NaN as +Inf, and a prefetch of the row ahead."""
         itemsize = jnp.dtype(self.dtype).itemsize
+        ahead = self.width * itemsize if self.blocked else _PREFETCH_BYTES
         self.lines.append(
             f"_mm_prefetch((const char*)rows[{i}] + k * {itemsize} + "
-            f"{_PREFETCH_BYTES}, _MM_HINT_T0);"
+            f"{ahead}, _MM_HINT_T0);"
         )
         # NaN -> +Inf in one instruction: min(x, +Inf) is x for x < +Inf, else
         # its second operand.
@@ -231,17 +248,37 @@ class _Loop:
         return self.op("mul_ps", f"{self.prefix}_set1_ps(0.5f)", pair)
 
     def source(self, out: str) -> str:
-        body = "\n    ".join(self.lines)
+        indent = "\n" + " " * (6 if self.blocked else 4)
+        step = indent.join([*self.lines, f"{self.prefix}_storeu_ps(out + k, {out});"])
+        itemsize = jnp.dtype(self.dtype).itemsize
+        if not self.blocked:
+            loop = f"""for (int64_t k = lo; k < hi; k += kWidth) {{
+    {step}
+  }}"""
+        else:
+            loop = f"""constexpr int64_t kBlock = {_BLOCK_BYTES // itemsize};  // columns
+  constexpr int64_t kSteps = kBlock / kWidth, kRows = {self.n};
+  for (int64_t k0 = lo; k0 < hi; k0 += kBlock) {{
+    const int64_t end = k0 + kBlock < hi ? k0 + kBlock : hi;
+    for (int64_t k = k0, s = 0; k < end; k += kWidth, ++s) {{
+      // Step s's share of the rows: their parts of the next block, whole.
+      for (int64_t i = s * kRows / kSteps; i < (s + 1) * kRows / kSteps; ++i) {{
+        const char* next = (const char*)rows[i] + (k0 + kBlock) * {itemsize};
+#pragma GCC unroll 16
+        for (int l = 0; l < {_BLOCK_BYTES // 64}; ++l) {{
+          _mm_prefetch(next + 64 * l, _MM_HINT_T1);
+        }}
+      }}
+      {step}
+    }}
+  }}"""
         return f"""#include <immintrin.h>
 #include <cstdint>
 constexpr int64_t kWidth = {self.width};  // columns a step
 extern "C" void byzjax_network(const void* const* rows, float* out, int64_t lo,
                                int64_t hi) {{
   const {self.vector} inf = {self.prefix}_set1_ps(__builtin_inff());
-  for (int64_t k = lo; k < hi; k += kWidth) {{
-    {body}
-    {self.prefix}_storeu_ps(out + k, {out});
-  }}
+  {loop}
 }}
 """
 
