@@ -404,6 +404,16 @@ def _network_kernel(
     )
 
 
+def _selection_kernel(x: jax.Array) -> bool:
+    """Whether the median or trimmed mean of stored rows x runs as a generated loop:
+    up to `networks.selection_max_n()` rows, float32 only above 32 (there XLA's
+    bfloat16 network compares by min/max, `order_statistics`, whose signed zeros
+    differ from the loop's selects)."""
+    wide = x.shape[0] > FULL_NETWORK_MAX_N
+    dtypes = (jnp.float32,) if wide else (jnp.float32, jnp.bfloat16)
+    return _network_kernel(x, dtypes, networks.selection_max_n())
+
+
 def _through_network(x: jax.Array, source: str, xla_form) -> jax.Array:
     """The generated loop `source` over x, differentiated as `xla_form` (the same
     values, bit for bit)."""
@@ -421,10 +431,7 @@ def coordinate_median(x: jax.Array, *, stored: bool = False) -> jax.Array:
     prefetches the rows XLA's fused loop streams without.
     """
     n = x.shape[0]
-    # Above 32 rows XLA's bfloat16 network compares by min/max (`order_statistics`),
-    # whose signed zeros differ from the loop's selects: float32 only there.
-    wide = (jnp.float32,) if n > FULL_NETWORK_MAX_N else (jnp.float32, jnp.bfloat16)
-    if stored and _network_kernel(x, wide, networks.median_max_n()):
+    if stored and _selection_kernel(x):
         source = networks.median_source(n, x.dtype.type)
         return _through_network(x, source, coordinate_median)
     if n % 2:
@@ -450,7 +457,7 @@ def coordinate_trimmed_mean(x: jax.Array, b: int, *, stored: bool = False) -> ja
     n = x.shape[0]
     if b == 0:
         return row_mean(x)
-    if stored and _network_kernel(x):
+    if stored and _selection_kernel(x):
         source = networks.trimmed_mean_source(n, b, x.dtype.type)
         return _through_network(x, source, lambda x: coordinate_trimmed_mean(x, b))
     if n <= FULL_NETWORK_MAX_N:

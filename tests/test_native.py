@@ -8,6 +8,7 @@ rules fall back to are tested on the same oracle in test_numerics.py and
 test_aggregators.py (BYZJAX_NATIVE=0).
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -515,8 +516,8 @@ def test_bfloat16_kernels_make_no_float32_copy():
 
 
 def _network_inputs(seed, n, d, dtype):
-    """Columns with NaN, +-Inf, 1e38, signed zeros, ties (small integers) and a
-    non-finite median."""
+    """Columns with NaN, +-Inf, 1e38, signed zeros, ties (small integers), a
+    non-finite median and zeros alone."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype(np.float32)
     x[:, : d // 3] = rng.integers(-2, 3, size=(n, d // 3))
@@ -525,6 +526,9 @@ def _network_inputs(seed, n, d, dtype):
     x[hit] = rng.choice(special, size=hit.sum())
     # Half the rows -Inf, half +Inf: for even n the median is NaN.
     x[:, -1] = np.where(np.arange(n) < n // 2, -np.inf, np.inf)
+    if d >= 6:  # zeros alone, of either sign: which signs the sums keep
+        x[:, -3] = np.where(rng.random(n) < 0.5, 0.0, -0.0)
+        x[:, -2] = np.where(rng.random(n) < 0.1, 0.0, -0.0)
     return jnp.asarray(x).astype(dtype)
 
 
@@ -586,22 +590,31 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
         np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=name)
 
 
-@pytest.mark.parametrize("n,d", [(33, 37), (64, 555), (100, 10007), (128, 17)])
+@pytest.mark.parametrize("n,d,b", [(33, 37, 1), (64, 555, 16), (100, 10007, 25), (128, 17, 63)])
 @X_DTYPES
-def test_median_loops_above_32_rows_give_the_xla_bits(n, d, dtype):
-    # With AVX-512 the float32 median runs as a loop up to 128 rows; the rule
-    # takes it where `median_max_n` says so (bfloat16 keeps XLA's loop there).
-    # Column blocks of 256 (64 and 100 rows), a part block, a tail, the threaded
-    # split (100 rows).
+def test_selection_loops_above_32_rows_give_the_xla_bits(n, d, b, dtype):
+    # With AVX-512 the float32 median and trimmed mean run as loops up to 128 rows;
+    # the rules take them where `selection_max_n` says so (bfloat16 keeps XLA's
+    # loops there). Column blocks of 256 (64 and 100 rows), a part block, a tail,
+    # the threaded split (100 rows).
     from byzjax._native import networks
 
-    if n > networks.median_max_n():
-        pytest.skip("this CPU runs the median above 32 rows in XLA's loop")
+    if n > networks.selection_max_n():
+        pytest.skip("this CPU runs these rules above 32 rows in XLA's loops")
     x = _network_inputs(n * 1000 + d, n, d, dtype)
-    fn = _jit(lambda x: nm.coordinate_median(x, stored=True))
-    loop = "byzjax_network" in jax.jit(fn).lower(x).as_text()
-    assert loop == (dtype == np.float32)
-    np.testing.assert_array_equal(_bits(fn(x)), _bits(_jit(nm.coordinate_median)(x)))
+    # One trimming each (each loop and XLA form takes seconds to compile): the
+    # fewest, a quarter, the most.
+    rules = {
+        "median": nm.coordinate_median,
+        "trimmed mean": functools.partial(nm.coordinate_trimmed_mean, b=b),
+    }
+    for name, rule in rules.items():
+        fn = _jit(functools.partial(rule, stored=True))
+        loop = "byzjax_network" in jax.jit(fn).lower(x).as_text()
+        assert loop == (dtype == np.float32), name
+        if loop:  # else both are the XLA form
+            want = _bits(_jit(rule)(x))
+            np.testing.assert_array_equal(_bits(fn(x)), want, err_msg=name)
 
 
 @X_DTYPES

@@ -104,12 +104,14 @@ def native_width() -> int:
     return 16 if has_avx512 and not avx2_only else 8
 
 
-def median_max_n() -> int:
-    """The largest n whose median runs as a loop here. With AVX-512's registers the
-    loop beats XLA's up to `NETWORK_MAX_N` rows (at (100, 1e6) on the 2-core Xeon:
+def selection_max_n() -> int:
+    """The largest n whose float32 median and trimmed mean run as loops here. With
+    AVX-512's registers the median's loop beats XLA's up to `NETWORK_MAX_N` rows
+    (at (100, 1e6) on the 2-core Xeon:
     52 against 71 ms, the floor 19, then 27-30 ms with the column blocks, the floor
     18-20; AVX2's loop 76 ms, spill-bound);
-    it is a selection, so its bits are XLA's whatever the order of its sums."""
+    a selection, so its bits are XLA's whatever the order of its sums. Above 32
+    rows the trimmed mean's loop is XLA's clip form (`trimmed_mean_source`)."""
     return NETWORK_MAX_N if native_width() == 16 else FULL_NETWORK_MAX_N
 
 
@@ -174,9 +176,21 @@ class _Loop:
             f"_mm_prefetch((const char*)rows[{i}] + k * {itemsize} + "
             f"{ahead}, _MM_HINT_T0);"
         )
+        return self.load(i)
+
+    def load(self, i: int) -> str:
+        """Row i's values, NaN as +Inf (read again: from L1 after `row`)."""
         # NaN -> +Inf in one instruction: min(x, +Inf) is x for x < +Inf, else
         # its second operand.
         return self.op("min_ps", _LOAD[self.dtype, self.width].format(i=i), "inf")
+
+    def clip(self, a: str, lo: str, hi: str) -> str:
+        """`jnp.clip(a, lo, hi)` (NaN-free), up to the signs of zeros: XLA's max
+        and min order -0 below +0, AVX's return their second operand for equal
+        zeros. The trimmed sum cannot tell: it is -0 only where every clipped
+        entry is, which happens in both forms exactly when lo and hi are zeros
+        and hi is -0 (case by case over the signs of lo and hi)."""
+        return self.op("min_ps", self.op("max_ps", a, lo), hi)
 
     # Comparisons: AVX2 gives a vector of all-ones lanes, AVX-512 a mask register.
     def compare(self, a: str, b: str, predicate: str) -> str:
@@ -284,19 +298,27 @@ extern "C" void byzjax_network(const void* const* rows, float* out, int64_t lo,
 
 
 def median_source(n: int, dtype, width: int | None = None) -> str:
-    """`byzjax._numerics.coordinate_median` (n <= `median_max_n()`); `width`
+    """`byzjax._numerics.coordinate_median` (n <= `selection_max_n()`); `width`
     columns a step, this CPU's `native_width()` unless given."""
     loop = _Loop(n, dtype, width or native_width())
     return loop.source(loop.median(loop.network(batcher_pairs(n), middle_ranks(n))))
 
 
 def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
-    """`byzjax._numerics.coordinate_trimmed_mean` (n <= 32, b >= 1): the middle
-    set off the partition network, summed as a tree."""
+    """`byzjax._numerics.coordinate_trimmed_mean` (b >= 1). Up to 32 rows the
+    middle set off the partition network, summed as a tree; above (n <=
+    `selection_max_n()`, float32), the clip form: the ranks b and n - b - 1 off
+    the median's kind of network, then every row clipped to them and summed."""
     loop = _Loop(n, dtype, width or native_width())
-    middle = range(b, n - b)
-    r = loop.network(partition_pairs(n, (b, n - b)), middle)
-    return loop.source(loop.mean(loop.sum_tree([r[i] for i in middle]), n - 2 * b))
+    if n <= FULL_NETWORK_MAX_N:
+        middle = range(b, n - b)
+        r = loop.network(partition_pairs(n, (b, n - b)), middle)
+        return loop.source(loop.mean(loop.sum_tree([r[i] for i in middle]), n - 2 * b))
+    r = loop.network(batcher_pairs(n), (b, n - b - 1))
+    lo, hi = r[b], r[n - b - 1]
+    total = loop.sum_tree([loop.clip(loop.load(i), lo, hi) for i in range(n)])
+    ends = loop.op("mul_ps", loop.op("add_ps", lo, hi), f"{loop.prefix}_set1_ps({b}.0f)")
+    return loop.source(loop.mean(loop.op("sub_ps", total, ends), n - 2 * b))
 
 
 def window_mean_source(n: int, k: int, width: int | None = None) -> str:
