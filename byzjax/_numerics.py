@@ -535,9 +535,13 @@ def coordinate_mean_around_median(
     worker order (`_mean_around_median_rows`), in gathered blocks of columns when
     few, else whole. Bulyan keeps the general form: on its gathered rows a window
     took 50.8 against 19.7 ms at (25, 1e6). `stored`: as in `coordinate_median`
-    (the window's loop; the fix stays in XLA).
+    (the window's loop, the fix in XLA; above 32 rows, up to
+    `networks.selection_max_n()`, the whole rule as one loop, float32).
     """
     n = x.shape[0]
+    if n > FULL_NETWORK_MAX_N and stored and _selection_kernel(x):
+        source = networks.mean_around_median_source(n, k)
+        return _through_network(x, source, lambda x: coordinate_mean_around_median(x, k))
     if n > FULL_NETWORK_MAX_N:
         # A bfloat16 input is promoted block by block: with its rows converted in
         # the fused loops, XLA:CPU took 4 min 15 s to compile (100, 1e6) (the

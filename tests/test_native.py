@@ -590,13 +590,15 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
         np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=name)
 
 
-@pytest.mark.parametrize("n,d,b", [(33, 37, 1), (64, 555, 16), (100, 10007, 25), (128, 17, 63)])
+@pytest.mark.parametrize(
+    "n,d,b", [(34, 37, 1), (65, 555, 16), (100, 10007, 25), (128, 17, 63)]
+)
 @X_DTYPES
 def test_selection_loops_above_32_rows_give_the_xla_bits(n, d, b, dtype):
-    # With AVX-512 the float32 median and trimmed mean run as loops up to 128 rows;
-    # the rules take them where `selection_max_n` says so (bfloat16 keeps XLA's
-    # loops there). Column blocks of 256 (64 and 100 rows), a part block, a tail,
-    # the threaded split (100 rows).
+    # With AVX-512 the float32 median, trimmed mean and mean around the median run
+    # as loops up to 128 rows; the rules take them where `selection_max_n` says so
+    # (bfloat16 keeps XLA's loops there). Column blocks of 256 (65 and 100 rows),
+    # a part block, a tail, the threaded split (100 rows).
     from byzjax._native import networks
 
     if n > networks.selection_max_n():
@@ -608,6 +610,10 @@ def test_selection_loops_above_32_rows_give_the_xla_bits(n, d, b, dtype):
         "median": nm.coordinate_median,
         "trimmed mean": functools.partial(nm.coordinate_trimmed_mean, b=b),
     }
+    if n == 34:  # XLA's form takes 7 s to compile at n = 100, 10 s here at 65
+        rules["mean around the median"] = functools.partial(
+            nm.coordinate_mean_around_median, k=n - b
+        )
     for name, rule in rules.items():
         fn = _jit(functools.partial(rule, stored=True))
         loop = "byzjax_network" in jax.jit(fn).lower(x).as_text()

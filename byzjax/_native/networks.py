@@ -180,9 +180,16 @@ class _Loop:
 
     def load(self, i: int) -> str:
         """Row i's values, NaN as +Inf (read again: from L1 after `row`)."""
-        # NaN -> +Inf in one instruction: min(x, +Inf) is x for x < +Inf, else
-        # its second operand.
-        return self.op("min_ps", _LOAD[self.dtype, self.width].format(i=i), "inf")
+        return self.finite_or_inf(self.raw(i))
+
+    def raw(self, i: int) -> str:
+        """Row i's values as they are."""
+        return self.value(_LOAD[self.dtype, self.width].format(i=i))
+
+    def finite_or_inf(self, a: str) -> str:
+        """a with NaN as +Inf, in one instruction: min(x, +Inf) is x for x < +Inf,
+        else its second operand."""
+        return self.op("min_ps", a, "inf")
 
     def clip(self, a: str, lo: str, hi: str) -> str:
         """`jnp.clip(a, lo, hi)` (NaN-free), up to the signs of zeros: XLA's max
@@ -210,6 +217,11 @@ class _Loop:
             return self.op("and_ps", mask, a)
         return self.op("maskz_mov_ps", mask, a)
 
+    def both(self, m1: str, m2: str) -> str:
+        if self.width == 8:
+            return self.op("and_ps", m1, m2)
+        return self.value(f"_kand_mask16({m1}, {m2})", "__mmask16")
+
     def either(self, m1: str, m2: str) -> str:
         if self.width == 8:
             return self.op("or_ps", m1, m2)
@@ -221,10 +233,12 @@ class _Loop:
             return self.op("andnot_ps", "_mm256_set1_ps(-0.0f)", a)
         return self.op("abs_ps", a)
 
-    def network(self, pairs, needed) -> list[str | None]:
+    def network(self, pairs, needed, wire=None) -> list[str | None]:
         """The wires after `pairs`, computing only what feeds the `needed` wires
-        (the compare-exchanges XLA keeps after dead-code elimination); each row
-        is loaded where its first compare-exchange needs it."""
+        (the compare-exchanges XLA keeps after dead-code elimination); each input
+        wire i, `wire(i)` (row i by default), is made where its first
+        compare-exchange needs it."""
+        wire = wire or self.row
         live, kept = set(needed), []
         for a, b in reversed(pairs):
             if a in live or b in live:
@@ -232,12 +246,12 @@ class _Loop:
                 live.update((a, b))
         w: list[str | None] = [None] * self.n
         for a, b, lo, hi in _low_wires_first(kept[::-1]):
-            wa, wb = w[a] or self.row(a), w[b] or self.row(b)
+            wa, wb = w[a] or wire(a), w[b] or wire(b)
             # XLA's select form: lo = b < a ? b : a, hi = b < a ? a : b, i.e.
             # min(b, a) and max(a, b) in AVX's operand order (NaN-free here).
             w[a] = self.op("min_ps", wb, wa) if lo else wa
             w[b] = self.op("max_ps", wa, wb) if hi else wb
-        return [w[i] or self.row(i) if i in needed else w[i] for i in range(self.n)]
+        return [w[i] or wire(i) if i in needed else w[i] for i in range(self.n)]
 
     def sum_tree(self, terms: list[str]) -> str:
         """`byzjax._numerics.sum_rows`' pairwise order."""
@@ -319,6 +333,38 @@ def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
     total = loop.sum_tree([loop.clip(loop.load(i), lo, hi) for i in range(n)])
     ends = loop.op("mul_ps", loop.op("add_ps", lo, hi), f"{loop.prefix}_set1_ps({b}.0f)")
     return loop.source(loop.mean(loop.op("sub_ps", total, ends), n - 2 * b))
+
+
+def mean_around_median_source(n: int, k: int, width: int | None = None) -> str:
+    """`byzjax._numerics.coordinate_mean_around(x, coordinate_median(x), k)`
+    (float32, 32 < n <= `selection_max_n()`): the median m off its network, the
+    k-th smallest deviation delta off a network over |x_i - m| (NaN as +Inf),
+    then the rows within delta summed in worker order, ties (SPEC T0) while room
+    is left; the counts in float32 (exact integers)."""
+    loop = _Loop(n, jnp.float32, width or native_width())
+    m = loop.median(loop.network(batcher_pairs(n), middle_ranks(n)))
+
+    def deviation(i):
+        return loop.finite_or_inf(loop.magnitude(loop.op("sub_ps", loop.raw(i), m)))
+
+    delta = loop.network(batcher_pairs(n), (k - 1,), deviation)[k - 1]
+    one = f"{loop.prefix}_set1_ps(1.0f)"
+    zero = f"{loop.prefix}_setzero_ps()"
+    room = f"{loop.prefix}_set1_ps({k}.0f)"
+    for i in range(n):
+        closer = loop.compare(deviation(i), delta, "_CMP_LT_OQ")
+        room = loop.op("sub_ps", room, loop.masked(closer, one))
+    total = zero
+    for i in range(n):
+        dev = deviation(i)
+        closer = loop.compare(dev, delta, "_CMP_LT_OQ")
+        tie = loop.both(
+            loop.compare(dev, delta, "_CMP_EQ_OQ"), loop.compare(room, zero, "_CMP_GT_OQ")
+        )
+        taken = loop.masked(loop.either(closer, tie), loop.raw(i))
+        total = loop.op("add_ps", total, taken)
+        room = loop.op("sub_ps", room, loop.masked(tie, one))
+    return loop.source(loop.mean(total, k))
 
 
 def window_mean_source(n: int, k: int, width: int | None = None) -> str:
