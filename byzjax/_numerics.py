@@ -405,13 +405,10 @@ def _network_kernel(
 
 
 def _selection_kernel(x: jax.Array) -> bool:
-    """Whether the median or trimmed mean of stored rows x runs as a generated loop:
-    up to `networks.selection_max_n()` rows, float32 only above 32 (there XLA's
-    bfloat16 network compares by min/max, `order_statistics`, whose signed zeros
-    differ from the loop's selects)."""
-    wide = x.shape[0] > FULL_NETWORK_MAX_N
-    dtypes = (jnp.float32,) if wide else (jnp.float32, jnp.bfloat16)
-    return _network_kernel(x, dtypes, networks.selection_max_n())
+    """Whether the median, trimmed mean or (above 32 rows) mean around the median
+    of stored rows x runs as a generated loop: up to `networks.selection_max_n()`
+    rows."""
+    return _network_kernel(x, max_n=networks.selection_max_n())
 
 
 def _through_network(x: jax.Array, source: str, xla_form) -> jax.Array:
@@ -536,11 +533,11 @@ def coordinate_mean_around_median(
     few, else whole. Bulyan keeps the general form: on its gathered rows a window
     took 50.8 against 19.7 ms at (25, 1e6). `stored`: as in `coordinate_median`
     (the window's loop, the fix in XLA; above 32 rows, up to
-    `networks.selection_max_n()`, the whole rule as one loop, float32).
+    `networks.selection_max_n()`, the whole rule as one loop).
     """
     n = x.shape[0]
     if n > FULL_NETWORK_MAX_N and stored and _selection_kernel(x):
-        source = networks.mean_around_median_source(n, k)
+        source = networks.mean_around_median_source(n, k, x.dtype.type)
         return _through_network(x, source, lambda x: coordinate_mean_around_median(x, k))
     if n > FULL_NETWORK_MAX_N:
         # A bfloat16 input is promoted block by block: with its rows converted in

@@ -41,6 +41,7 @@ from byzjax._native import _build_shared, _require, cpu_info, warn_unbuilt
 from byzjax._sorting import (
     FULL_NETWORK_MAX_N,
     NETWORK_MAX_N,
+    SELECT_MAX_N,
     batcher_pairs,
     middle_ranks,
     partition_pairs,
@@ -96,16 +97,19 @@ WIDTHS = (8, 16)
 @functools.cache
 def native_width() -> int:
     """Columns per step of the loops on this CPU: 16 (AVX-512's 32 registers of
-    16 lanes) where it has AVX-512F, else 8 (AVX2's 16 of 8): see the module's
+    16 lanes) where it has AVX-512F and DQ, else 8 (AVX2's 16 of 8): see the module's
     docstring for the times."""
     # `-mno-avx512f` in the kernels' extra flags builds the AVX2 forms everywhere.
     avx2_only = "-mno-avx512f" in os.environ.get("BYZJAX_NATIVE_FLAGS", "")
-    has_avx512 = "avx512f" in cpu_info().get("flags", "").split()
+    # DQ for the range instruction of `_Loop.exchange` (every AVX-512 CPU but the
+    # Xeon Phi has it).
+    has_avx512 = {"avx512f", "avx512dq"} <= set(cpu_info().get("flags", "").split())
     return 16 if has_avx512 and not avx2_only else 8
 
 
 def selection_max_n() -> int:
-    """The largest n whose float32 median and trimmed mean run as loops here. With
+    """The largest n whose median, trimmed mean and mean around the median run as
+    loops here. With
     AVX-512's registers the median's loop beats XLA's up to `NETWORK_MAX_N` rows
     (at (100, 1e6) on the 2-core Xeon:
     52 against 71 ms, the floor 19, then 27-30 ms with the column blocks, the floor
@@ -233,11 +237,12 @@ class _Loop:
             return self.op("andnot_ps", "_mm256_set1_ps(-0.0f)", a)
         return self.op("abs_ps", a)
 
-    def network(self, pairs, needed, wire=None) -> list[str | None]:
+    def network(self, pairs, needed, wire=None, ordered=False) -> list[str | None]:
         """The wires after `pairs`, computing only what feeds the `needed` wires
         (the compare-exchanges XLA keeps after dead-code elimination); each input
         wire i, `wire(i)` (row i by default), is made where its first
-        compare-exchange needs it."""
+        compare-exchange needs it. `ordered`: XLA's min/max compare-exchanges
+        (`byzjax._sorting._network`'s select=False) instead of its selects."""
         wire = wire or self.row
         live, kept = set(needed), []
         for a, b in reversed(pairs):
@@ -247,11 +252,22 @@ class _Loop:
         w: list[str | None] = [None] * self.n
         for a, b, lo, hi in _low_wires_first(kept[::-1]):
             wa, wb = w[a] or wire(a), w[b] or wire(b)
-            # XLA's select form: lo = b < a ? b : a, hi = b < a ? a : b, i.e.
-            # min(b, a) and max(a, b) in AVX's operand order (NaN-free here).
-            w[a] = self.op("min_ps", wb, wa) if lo else wa
-            w[b] = self.op("max_ps", wa, wb) if hi else wb
+            w[a] = self.exchange(wa, wb, "min", ordered) if lo else wa
+            w[b] = self.exchange(wa, wb, "max", ordered) if hi else wb
         return [w[i] or wire(i) if i in needed else w[i] for i in range(self.n)]
+
+    def exchange(self, a: str, b: str, end: str, ordered: bool) -> str:
+        """The `end` ("min" or "max") of a compare-exchange of wires a < b,
+        NaN-free. XLA's select form, lo = b < a ? b : a and hi = b < a ? a : b,
+        is AVX's min(b, a) and max(a, b), whose equal zeros keep the operand
+        order. XLA's min and max order -0 below +0, as AVX-512's range
+        instruction does (imm8 bits 1:0 pick min or max, 3:2 the sign from the
+        comparison)."""
+        if not ordered:
+            return self.op(f"{end}_ps", *((b, a) if end == "min" else (a, b)))
+        if self.width == 8:
+            raise ValueError("network loops: min/max exchanges need AVX-512")
+        return self.op("range_ps", a, b, {"min": "0x04", "max": "0x05"}[end])
 
     def sum_tree(self, terms: list[str]) -> str:
         """`byzjax._numerics.sum_rows`' pairwise order."""
@@ -315,33 +331,41 @@ def median_source(n: int, dtype, width: int | None = None) -> str:
     """`byzjax._numerics.coordinate_median` (n <= `selection_max_n()`); `width`
     columns a step, this CPU's `native_width()` unless given."""
     loop = _Loop(n, dtype, width or native_width())
-    return loop.source(loop.median(loop.network(batcher_pairs(n), middle_ranks(n))))
+    r = loop.network(batcher_pairs(n), middle_ranks(n), ordered=_ordered(n, dtype))
+    return loop.source(loop.median(r))
+
+
+def _ordered(n: int, dtype) -> bool:
+    """Whether XLA's network over these rows compares by min/max (`byzjax._sorting
+    .order_statistics`: bfloat16 rows above `SELECT_MAX_N`)."""
+    return n > SELECT_MAX_N and dtype != jnp.float32
 
 
 def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
     """`byzjax._numerics.coordinate_trimmed_mean` (b >= 1). Up to 32 rows the
     middle set off the partition network, summed as a tree; above (n <=
-    `selection_max_n()`, float32), the clip form: the ranks b and n - b - 1 off
-    the median's kind of network, then every row clipped to them and summed."""
+    `selection_max_n()`), XLA's clip form: the ranks b and n - b - 1 off the
+    median's kind of network, then every row clipped to them and summed."""
     loop = _Loop(n, dtype, width or native_width())
     if n <= FULL_NETWORK_MAX_N:
         middle = range(b, n - b)
         r = loop.network(partition_pairs(n, (b, n - b)), middle)
         return loop.source(loop.mean(loop.sum_tree([r[i] for i in middle]), n - 2 * b))
-    r = loop.network(batcher_pairs(n), (b, n - b - 1))
+    r = loop.network(batcher_pairs(n), (b, n - b - 1), ordered=_ordered(n, dtype))
     lo, hi = r[b], r[n - b - 1]
     total = loop.sum_tree([loop.clip(loop.load(i), lo, hi) for i in range(n)])
     ends = loop.op("mul_ps", loop.op("add_ps", lo, hi), f"{loop.prefix}_set1_ps({b}.0f)")
     return loop.source(loop.mean(loop.op("sub_ps", total, ends), n - 2 * b))
 
 
-def mean_around_median_source(n: int, k: int, width: int | None = None) -> str:
+def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -> str:
     """`byzjax._numerics.coordinate_mean_around(x, coordinate_median(x), k)`
-    (float32, 32 < n <= `selection_max_n()`): the median m off its network, the
+    (32 < n <= `selection_max_n()`; bfloat16 rows widened, as XLA's form takes
+    them block by block): the median m off its network, the
     k-th smallest deviation delta off a network over |x_i - m| (NaN as +Inf),
     then the rows within delta summed in worker order, ties (SPEC T0) while room
     is left; the counts in float32 (exact integers)."""
-    loop = _Loop(n, jnp.float32, width or native_width())
+    loop = _Loop(n, dtype, width or native_width())
     m = loop.median(loop.network(batcher_pairs(n), middle_ranks(n)))
 
     def deviation(i):
