@@ -538,7 +538,9 @@ def coordinate_mean_around_median(
     n = x.shape[0]
     if n > FULL_NETWORK_MAX_N and stored and _selection_kernel(x):
         source = networks.mean_around_median_source(n, k, x.dtype.type)
-        return _through_network(x, source, lambda x: coordinate_mean_around_median(x, k))
+        return _through_network(
+            x, source, lambda x: coordinate_mean_around_median(x, k)
+        )
     if n > FULL_NETWORK_MAX_N:
         # A bfloat16 input is promoted block by block: with its rows converted in
         # the fused loops, XLA:CPU took 4 min 15 s to compile (100, 1e6) (the

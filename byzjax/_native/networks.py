@@ -300,7 +300,7 @@ class _Loop:
     {step}
   }}"""
         else:
-            loop = f"""constexpr int64_t kBlock = {_BLOCK_BYTES // itemsize};  // columns
+            loop = f"""constexpr int64_t kBlock = {_BLOCK_BYTES // itemsize};  // a row
   constexpr int64_t kSteps = kBlock / kWidth, kRows = {self.n};
   for (int64_t k0 = lo; k0 < hi; k0 += kBlock) {{
     const int64_t end = k0 + kBlock < hi ? k0 + kBlock : hi;
@@ -354,7 +354,9 @@ def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
     r = loop.network(batcher_pairs(n), (b, n - b - 1), ordered=_ordered(n, dtype))
     lo, hi = r[b], r[n - b - 1]
     total = loop.sum_tree([loop.clip(loop.load(i), lo, hi) for i in range(n)])
-    ends = loop.op("mul_ps", loop.op("add_ps", lo, hi), f"{loop.prefix}_set1_ps({b}.0f)")
+    ends = loop.op(
+        "mul_ps", loop.op("add_ps", lo, hi), f"{loop.prefix}_set1_ps({b}.0f)"
+    )
     return loop.source(loop.mean(loop.op("sub_ps", total, ends), n - 2 * b))
 
 
@@ -383,7 +385,8 @@ def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -
         dev = deviation(i)
         closer = loop.compare(dev, delta, "_CMP_LT_OQ")
         tie = loop.both(
-            loop.compare(dev, delta, "_CMP_EQ_OQ"), loop.compare(room, zero, "_CMP_GT_OQ")
+            loop.compare(dev, delta, "_CMP_EQ_OQ"),
+            loop.compare(room, zero, "_CMP_GT_OQ"),
         )
         taken = loop.masked(loop.either(closer, tie), loop.raw(i))
         total = loop.op("add_ps", total, taken)
