@@ -300,7 +300,7 @@ class _Loop:
     {step}
   }}"""
         else:
-            loop = f"""constexpr int64_t kBlock = {_BLOCK_BYTES // itemsize};  // a row
+            loop = f"""constexpr int64_t kBlock = {_BLOCK_BYTES // itemsize};  // cols
   constexpr int64_t kSteps = kBlock / kWidth, kRows = {self.n};
   for (int64_t k0 = lo; k0 < hi; k0 += kBlock) {{
     const int64_t end = k0 + kBlock < hi ? k0 + kBlock : hi;
