@@ -1,5 +1,5 @@
-"""Sorting-network rules over the rows as generated CPU loops (n <= 32; the
-median up to 128 rows with AVX-512).
+"""Sorting-network rules over the rows as generated CPU loops (n <= 32; with
+AVX-512 the median, trimmed mean and mean around the median up to 128 rows).
 
 XLA fuses a sorting network over the rows into one loop that LLVM compiles well
 (the median of 25 rows: 202 min/max, 80 spills and 74 reloads per 8 columns,
@@ -16,7 +16,8 @@ floor (`ones @ x`, 3.5 ms), the median took 2.4 against 3.4 ms with 8 columns a
 step, the trimmed mean 2.4 against 3.8 and the window 2.8 against 5.1.
 
 A loop is generated per rule, n and its parameters (`median_source`,
-`trimmed_mean_source`, `window_mean_source`): the same compare-exchanges
+`trimmed_mean_source`, `window_mean_source`, `mean_around_median_source`): the
+same compare-exchanges
 (each wire's in the same order) and the same arithmetic after them as the XLA
 forms in `byzjax._numerics`, so both give the same bits. It is compiled on first use
 (about 0.6 s), cached next to the kernels' library, and registered with it by
