@@ -17,11 +17,11 @@ step, the trimmed mean 2.4 against 3.8 and the window 2.8 against 5.1.
 
 A loop is generated per rule, n and its parameters (`median_source`,
 `trimmed_mean_source`, `window_mean_source`, `mean_around_median_source`): the
-same compare-exchanges
-(each wire's in the same order) and the same arithmetic after them as the XLA
-forms in `byzjax._numerics`, so both give the same bits. It is compiled on first use
-(about 0.6 s), cached next to the kernels' library, and registered with it by
-an id that the `network` custom call carries.
+same compare-exchanges (each wire's in the same order) and the same arithmetic
+after them as the XLA forms in `byzjax._numerics`, so both give the same bits. It
+is compiled on first use (about 0.6 s at n = 25, 3.3 s for mean around the median
+of 100 rows), cached next to the kernels' library, and registered with it by an
+id that the `network` custom call carries.
 """
 
 from __future__ import annotations
