@@ -222,6 +222,24 @@ class _Loop:
             return self.op("and_ps", mask, a)
         return self.op("maskz_mov_ps", mask, a)
 
+    def all_of(self, mask: str) -> str:
+        """Whether `mask` holds in every lane, as a C++ condition."""
+        if self.width == 8:
+            return f"_mm256_movemask_ps({mask}) == 0xFF"
+        return f"{mask} == 0xFFFF"
+
+    def branch(self, condition: str, then, otherwise) -> str:
+        """`then()` where `condition` holds, else `otherwise()`: each emits its
+        lines in its own block and returns its value."""
+        result = f"v{self.count}"
+        self.count += 1
+        self.lines.append(f"{self.vector} {result};")
+        for head, make in ((f"if ({condition}) {{", then), ("} else {", otherwise)):
+            self.lines.append(head)
+            self.lines.append(f"{result} = {make()};")
+        self.lines.append("}")
+        return result
+
     def both(self, m1: str, m2: str) -> str:
         if self.width == 8:
             return self.op("and_ps", m1, m2)
@@ -364,35 +382,54 @@ def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
 def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -> str:
     """`byzjax._numerics.coordinate_mean_around(x, coordinate_median(x), k)`
     (32 < n <= `selection_max_n()`; bfloat16 rows widened, as XLA's form takes
-    them block by block): the median m off its network, the
-    k-th smallest deviation delta off a network over |x_i - m| (NaN as +Inf),
-    then the rows within delta summed in worker order, ties (SPEC T0) while room
-    is left; the counts in float32 (exact integers)."""
+    them block by block): the median m off its network, the k-th smallest
+    deviation delta off a network over |x_i - m| (NaN as +Inf), then the rows
+    within delta summed in worker order, ties (SPEC T0) while room is left; the
+    counts in float32 (exact integers). Where the (k+1)-th deviation exceeds
+    delta in all the step's columns (no tie across it, the usual case), exactly k
+    are within delta and all are taken: the same sum without the counts."""
     loop = _Loop(n, dtype, width or native_width())
     m = loop.median(loop.network(batcher_pairs(n), middle_ranks(n)))
 
     def deviation(i):
         return loop.finite_or_inf(loop.magnitude(loop.op("sub_ps", loop.raw(i), m)))
 
-    delta = loop.network(batcher_pairs(n), (k - 1,), deviation)[k - 1]
-    one = f"{loop.prefix}_set1_ps(1.0f)"
+    ranks = (k - 1, k) if k < n else (k - 1,)
+    r = loop.network(batcher_pairs(n), ranks, deviation)
+    delta = r[k - 1]
     zero = f"{loop.prefix}_setzero_ps()"
-    room = f"{loop.prefix}_set1_ps({k}.0f)"
-    for i in range(n):
-        closer = loop.compare(deviation(i), delta, "_CMP_LT_OQ")
-        room = loop.op("sub_ps", room, loop.masked(closer, one))
-    total = zero
-    for i in range(n):
-        dev = deviation(i)
-        closer = loop.compare(dev, delta, "_CMP_LT_OQ")
-        tie = loop.both(
-            loop.compare(dev, delta, "_CMP_EQ_OQ"),
-            loop.compare(room, zero, "_CMP_GT_OQ"),
-        )
-        taken = loop.masked(loop.either(closer, tie), loop.raw(i))
-        total = loop.op("add_ps", total, taken)
-        room = loop.op("sub_ps", room, loop.masked(tie, one))
-    return loop.source(loop.mean(total, k))
+
+    def within_delta():
+        total = zero
+        for i in range(n):
+            within = loop.compare(deviation(i), delta, "_CMP_LE_OQ")
+            total = loop.op("add_ps", total, loop.masked(within, loop.raw(i)))
+        return loop.mean(total, k)
+
+    if k == n:
+        return loop.source(within_delta())
+    one = f"{loop.prefix}_set1_ps(1.0f)"
+
+    def in_worker_order():
+        room = f"{loop.prefix}_set1_ps({k}.0f)"
+        for i in range(n):
+            closer = loop.compare(deviation(i), delta, "_CMP_LT_OQ")
+            room = loop.op("sub_ps", room, loop.masked(closer, one))
+        total = zero
+        for i in range(n):
+            dev = deviation(i)
+            closer = loop.compare(dev, delta, "_CMP_LT_OQ")
+            tie = loop.both(
+                loop.compare(dev, delta, "_CMP_EQ_OQ"),
+                loop.compare(room, zero, "_CMP_GT_OQ"),
+            )
+            taken = loop.masked(loop.either(closer, tie), loop.raw(i))
+            total = loop.op("add_ps", total, taken)
+            room = loop.op("sub_ps", room, loop.masked(tie, one))
+        return loop.mean(total, k)
+
+    untied = loop.all_of(loop.compare(r[k], delta, "_CMP_GT_OQ"))
+    return loop.source(loop.branch(untied, within_delta, in_worker_order))
 
 
 def window_mean_source(n: int, k: int, width: int | None = None) -> str:
