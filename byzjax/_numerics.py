@@ -532,11 +532,13 @@ def coordinate_mean_around_median(
     worker order (`_mean_around_median_rows`), in gathered blocks of columns when
     few, else whole. Bulyan keeps the general form: on its gathered rows a window
     took 50.8 against 19.7 ms at (25, 1e6). `stored`: as in `coordinate_median`
-    (the window's loop, the fix in XLA; above 32 rows, up to
-    `networks.selection_max_n()`, the whole rule as one loop).
+    (the window's loop, the fix in XLA; without a window, the whole rule as one
+    loop: `networks.mean_around_median_source`, the general form's bits, which
+    `_mean_around_median_rows` gives too).
     """
     n = x.shape[0]
-    if n > FULL_NETWORK_MAX_N and stored and _selection_kernel(x):
+    windowed = 2 * k >= n and x.dtype == jnp.float32 and n <= FULL_NETWORK_MAX_N
+    if stored and not windowed and _selection_kernel(x):
         source = networks.mean_around_median_source(n, k, x.dtype.type)
         return _through_network(
             x, source, lambda x: coordinate_mean_around_median(x, k)

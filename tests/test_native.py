@@ -634,6 +634,25 @@ def test_selection_loops_above_32_rows_give_the_xla_bits(n, d, b, dtype):
         np.testing.assert_array_equal(_bits(fn(x)), want, err_msg=name)
 
 
+@pytest.mark.parametrize(
+    "n,d,k,dtype",
+    [
+        (3, 40, 3, jnp.bfloat16),  # all columns of -0 alone: XLA's sum is -0
+        (8, 37, 5, jnp.bfloat16),
+        (25, 1001, 20, jnp.bfloat16),
+        (8, 37, 3, np.float32),  # 2k < n: no window
+    ],
+)
+def test_mean_around_median_loop_without_a_window_gives_the_xla_bits(n, d, k, dtype):
+    # Where the window form does not apply (bfloat16, or 2k < n) the rule runs its
+    # general form as one loop up to 32 rows too, with the bits of XLA's row form.
+    x = _network_inputs(n * 1000 + d, n, d, dtype)
+    fn = _jit(lambda x: nm.coordinate_mean_around_median(x, k, stored=True))
+    assert "byzjax_network" in jax.jit(fn).lower(x).as_text()
+    want = _jit(lambda x: nm.coordinate_mean_around_median(x, k))(x)
+    np.testing.assert_array_equal(_bits(fn(x)), _bits(want))
+
+
 @X_DTYPES
 def test_network_rules_vmap_and_differentiate_like_their_xla_forms(dtype):
     # Under jax.vmap (sweeps) the loop runs per input; a derivative (the

@@ -381,8 +381,8 @@ def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
 
 def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -> str:
     """`byzjax._numerics.coordinate_mean_around(x, coordinate_median(x), k)`
-    (32 < n <= `selection_max_n()`; bfloat16 rows widened, as XLA's form takes
-    them block by block): the median m off its network, the k-th smallest
+    (n <= `selection_max_n()`; bfloat16 rows widened as XLA's forms widen them):
+    the median m off its network, the k-th smallest
     deviation delta off a network over |x_i - m| (NaN as +Inf), then the rows
     within delta summed in worker order, ties (SPEC T0) while room is left; the
     counts in float32 (exact integers). Where the (k+1)-th deviation exceeds
@@ -399,12 +399,22 @@ def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -
     delta = r[k - 1]
     zero = f"{loop.prefix}_setzero_ps()"
 
-    def within_delta():
-        total = zero
-        for i in range(n):
-            within = loop.compare(deviation(i), delta, "_CMP_LE_OQ")
-            total = loop.op("add_ps", total, loop.masked(within, loop.raw(i)))
+    def in_order(terms):
+        # XLA drops the + 0 its form starts from: -0 terms alone sum to -0.
+        total = terms[0]
+        for term in terms[1:]:
+            total = loop.op("add_ps", total, term)
         return loop.mean(total, k)
+
+    def within_delta():
+        return in_order(
+            [
+                loop.masked(
+                    loop.compare(deviation(i), delta, "_CMP_LE_OQ"), loop.raw(i)
+                )
+                for i in range(n)
+            ]
+        )
 
     if k == n:
         return loop.source(within_delta())
@@ -415,7 +425,7 @@ def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -
         for i in range(n):
             closer = loop.compare(deviation(i), delta, "_CMP_LT_OQ")
             room = loop.op("sub_ps", room, loop.masked(closer, one))
-        total = zero
+        taken = []
         for i in range(n):
             dev = deviation(i)
             closer = loop.compare(dev, delta, "_CMP_LT_OQ")
@@ -423,10 +433,9 @@ def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -
                 loop.compare(dev, delta, "_CMP_EQ_OQ"),
                 loop.compare(room, zero, "_CMP_GT_OQ"),
             )
-            taken = loop.masked(loop.either(closer, tie), loop.raw(i))
-            total = loop.op("add_ps", total, taken)
+            taken.append(loop.masked(loop.either(closer, tie), loop.raw(i)))
             room = loop.op("sub_ps", room, loop.masked(tie, one))
-        return loop.mean(total, k)
+        return in_order(taken)
 
     untied = loop.all_of(loop.compare(r[k], delta, "_CMP_GT_OQ"))
     return loop.source(loop.branch(untied, within_delta, in_worker_order))
