@@ -66,7 +66,6 @@ _PREFETCH_BYTES = 512
 # cycles per 16 columns from L1), and 512 bytes ahead is more than L1 holds for
 # 100 rows. `/tmp` programs on the 2-core Xeon (family 6 model 207), two threads.
 _BLOCK_BYTES = 1024
-_BLOCKED_ABOVE_N = FULL_NETWORK_MAX_N
 # Compiler flags by columns a step. For AVX2, GCC's scheduler before register
 # allocation, aware of register pressure: the median's loop at n = 25 117
 # against 121 cycles per 8 columns from cache (AMD Zen 3). For AVX-512 it spilled
@@ -110,13 +109,12 @@ def native_width() -> int:
 
 def selection_max_n() -> int:
     """The largest n whose median, trimmed mean and mean around the median run as
-    loops here. With
-    AVX-512's registers the median's loop beats XLA's up to `NETWORK_MAX_N` rows
-    (at (100, 1e6) on the 2-core Xeon:
-    52 against 71 ms, the floor 19, then 27-30 ms with the column blocks, the floor
-    18-20; AVX2's loop 76 ms, spill-bound);
-    a selection, so its bits are XLA's whatever the order of its sums. Above 32
-    rows the trimmed mean's loop is XLA's clip form (`trimmed_mean_source`)."""
+    loops here. With AVX-512's registers the median's loop beats XLA's up to
+    `NETWORK_MAX_N` rows (at (100, 1e6) on the 2-core Xeon: 52 against 71 ms, the
+    floor 19, then 27-30 ms with the column blocks, the floor 18-20; AVX2's loop
+    76 ms, spill-bound); a selection, so its bits are XLA's whatever the order of
+    its sums. Above 32 rows the trimmed mean's loop is XLA's clip form
+    (`trimmed_mean_source`)."""
     return NETWORK_MAX_N if native_width() == 16 else FULL_NETWORK_MAX_N
 
 
@@ -161,7 +159,7 @@ class _Loop:
         self.n, self.dtype, self.width = n, dtype, width
         self.prefix = {8: "_mm256", 16: "_mm512"}[width]
         self.vector = {8: "__m256", 16: "__m512"}[width]
-        self.blocked = n > _BLOCKED_ABOVE_N
+        self.blocked = n > FULL_NETWORK_MAX_N  # see `_BLOCK_BYTES`
 
     def value(self, expr: str, kind: str | None = None) -> str:
         name = f"v{self.count}"
@@ -382,10 +380,10 @@ def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
 def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -> str:
     """`byzjax._numerics.coordinate_mean_around(x, coordinate_median(x), k)`
     (n <= `selection_max_n()`; bfloat16 rows widened as XLA's forms widen them):
-    the median m off its network, the k-th smallest
-    deviation delta off a network over |x_i - m| (NaN as +Inf), then the rows
-    within delta summed in worker order, ties (SPEC T0) while room is left; the
-    counts in float32 (exact integers). Where the (k+1)-th deviation exceeds
+    the median m off its network, the k-th smallest deviation delta off a network
+    over |x_i - m| (NaN as +Inf), then the rows within delta summed in worker
+    order, ties (SPEC T0) while room is left; the counts in float32 (exact
+    integers). Where the (k+1)-th deviation exceeds
     delta in all the step's columns (no tie across it, the usual case), exactly k
     are within delta and all are taken: the same sum without the counts."""
     loop = _Loop(n, dtype, width or native_width())
