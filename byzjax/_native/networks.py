@@ -380,21 +380,42 @@ def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
 def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -> str:
     """`byzjax._numerics.coordinate_mean_around(x, coordinate_median(x), k)`
     (n <= `selection_max_n()`; bfloat16 rows widened as XLA's forms widen them):
-    the median m off its network, the k-th smallest deviation delta off a network
-    over |x_i - m| (NaN as +Inf), then the rows within delta summed in worker
-    order, ties (SPEC T0) while room is left; the counts in float32 (exact
-    integers). Where the (k+1)-th deviation exceeds
-    delta in all the step's columns (no tie across it, the usual case), exactly k
-    are within delta and all are taken: the same sum without the counts."""
+    the median m and the k-th smallest deviation delta = |x_i - m| (NaN as +Inf)
+    off one network, then the rows within delta summed in worker order, ties
+    (SPEC T0) while room is left; the counts in float32 (exact integers). Where
+    the (k+1)-th deviation exceeds delta in all the step's columns (no tie across
+    it, the usual case), exactly k are within delta and all are taken: the same
+    sum without the counts.
+
+    Over the sorted values s_0 <= ... <= s_(n-1) the deviations fall, then rise
+    (rounding is monotone), so the k smallest are those of a window of k
+    consecutive ranks, and the k-th smallest is the least of the windows' larger
+    ends: min over a of max(|s_a - m|, |s_(a+k-1) - m|). Only the ranks at the
+    windows' ends, below n - k + 1 and from k - 1 up, and the median's are
+    needed: at (100, k = 76) 1,030 compare-exchanges instead of the 898 of the
+    median plus 890 of a second network over the deviations."""
     loop = _Loop(n, dtype, width or native_width())
-    m = loop.median(loop.network(batcher_pairs(n), middle_ranks(n)))
+    ends = sorted({*range(n - k + 1), *range(k - 1, n)})
+    r = loop.network(batcher_pairs(n), sorted({*ends, *middle_ranks(n)}))
+    m = loop.median(r)
+
+    def deviation_of(v):
+        return loop.finite_or_inf(loop.magnitude(loop.op("sub_ps", v, m)))
 
     def deviation(i):
-        return loop.finite_or_inf(loop.magnitude(loop.op("sub_ps", loop.raw(i), m)))
+        return deviation_of(loop.raw(i))
 
-    ranks = (k - 1, k) if k < n else (k - 1,)
-    r = loop.network(batcher_pairs(n), ranks, deviation)
-    delta = r[k - 1]
+    sorted_deviation = {j: deviation_of(r[j]) for j in ends}
+
+    def smallest(rank):
+        """The (rank + 1)-th smallest deviation, off the windows of rank + 1."""
+        least = None
+        for a in range(n - rank):
+            end = loop.op("max_ps", sorted_deviation[a], sorted_deviation[a + rank])
+            least = end if least is None else loop.op("min_ps", least, end)
+        return least
+
+    delta = smallest(k - 1)
     zero = f"{loop.prefix}_setzero_ps()"
 
     def in_order(terms):
@@ -435,7 +456,7 @@ def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -
             room = loop.op("sub_ps", room, loop.masked(tie, one))
         return in_order(taken)
 
-    untied = loop.all_of(loop.compare(r[k], delta, "_CMP_GT_OQ"))
+    untied = loop.all_of(loop.compare(smallest(k), delta, "_CMP_GT_OQ"))
     return loop.source(loop.branch(untied, within_delta, in_worker_order))
 
 
