@@ -392,23 +392,27 @@ def smallest_k(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _network_kernel(
-    x: jax.Array, dtypes=(jnp.float32, jnp.bfloat16), max_n=FULL_NETWORK_MAX_N
+    x: jax.Array,
+    dtypes=(jnp.float32, jnp.bfloat16),
+    max_n=FULL_NETWORK_MAX_N,
+    n: int | None = None,
 ) -> bool:
-    """Whether a rule over stored rows x runs its network as a generated CPU loop
-    (`byzjax._native.networks`): n <= `max_n`, on the CPU."""
+    """Whether a rule over n stored rows of x (all of them by default) runs its
+    network as a generated CPU loop (`byzjax._native.networks`): n <= `max_n`, on
+    the CPU."""
     return (
-        1 < x.shape[0] <= max_n
+        1 < (x.shape[0] if n is None else n) <= max_n
         and bool(x.size)
         and _native.usable(x, dtypes=dtypes)
         and networks.supported()
     )
 
 
-def _selection_kernel(x: jax.Array) -> bool:
+def _selection_kernel(x: jax.Array, n: int | None = None) -> bool:
     """Whether the median, trimmed mean or (above 32 rows) mean around the median
-    of stored rows x runs as a generated loop: up to `networks.selection_max_n()`
-    rows."""
-    return _network_kernel(x, max_n=networks.selection_max_n())
+    of n stored rows of x (all of them by default) runs as a generated loop: up
+    to `networks.selection_max_n()` rows."""
+    return _network_kernel(x, max_n=networks.selection_max_n(), n=n)
 
 
 def _through_network(x: jax.Array, source: str, xla_form) -> jax.Array:
@@ -417,6 +421,33 @@ def _through_network(x: jax.Array, source: str, xla_form) -> jax.Array:
     rule = jax.custom_jvp(lambda x: networks.network_rule(x, source))
     rule.defjvp(lambda primals, tangents: jax.jvp(xla_form, primals, tangents))
     return rule(x)
+
+
+def mean_around_median_of(x: jax.Array, idx: jax.Array, k: int) -> jax.Array:
+    """`coordinate_mean_around(y, coordinate_median(y), k)` over the rows y = x[idx]
+    (m static, traced indices), the general form's bits. Where the CPU runs the
+    loops, one loop reads the m rows where they lie in x: no gathered copy
+    (Bulyan's coordinate stage)."""
+    m = idx.shape[0]
+
+    def xla_form(x, idx):
+        y = take_rows(x, idx)
+        return coordinate_mean_around(y, coordinate_median(y), k)
+
+    if not _selection_kernel(x, m):
+        return xla_form(x, idx)
+    source = networks.mean_around_median_source(m, k, x.dtype.type)
+
+    @jax.custom_jvp
+    def rule(x, idx):
+        return networks.network_rule(x, source, idx)
+
+    @rule.defjvp
+    def _(primals, tangents):
+        x, idx = primals
+        return jax.jvp(lambda x: xla_form(x, idx), (x,), (tangents[0],))
+
+    return rule(x, idx)
 
 
 def coordinate_median(x: jax.Array, *, stored: bool = False) -> jax.Array:

@@ -653,6 +653,36 @@ def test_mean_around_median_loop_without_a_window_gives_the_xla_bits(n, d, k, dt
     np.testing.assert_array_equal(_bits(fn(x)), _bits(want))
 
 
+@pytest.mark.parametrize(
+    "n,m,d,k,dtype",
+    [
+        (25, 15, 1001, 5, np.float32),
+        (25, 15, 1001, 5, jnp.bfloat16),
+        (9, 5, 37, 3, np.float32),
+    ],
+)
+def test_mean_around_median_of_chosen_rows_gives_the_xla_bits(n, m, d, k, dtype):
+    # Bulyan's coordinate stage: the loop reads the rows x[idx] where they lie (no
+    # gathered copy), with the bits of XLA's general form on the gathered rows.
+    x = _network_inputs(n * 1000 + d + k, n, d, dtype)
+    idx = np.sort(np.random.default_rng(n + m).choice(n, m, replace=False))
+    idx = jnp.asarray(idx, jnp.int32)
+    fn = _jit(lambda x, i: nm.mean_around_median_of(x, i, k))
+    assert "byzjax_network" in jax.jit(fn).lower(x, idx).as_text()
+
+    def xla_form(x, i):
+        y = nm.take_rows(x, i)
+        return nm.coordinate_mean_around(y, nm.coordinate_median(y), k)
+
+    want = _bits(_jit(xla_form)(x, idx))
+    np.testing.assert_array_equal(_bits(fn(x, idx)), want)
+    # Under jax.vmap, each input with its own rows.
+    xs, idxs = jnp.stack([x, x[::-1]]), jnp.stack([idx, idx[::-1]])
+    batched = _jit(jax.vmap(lambda x, i: nm.mean_around_median_of(x, i, k)))(xs, idxs)
+    np.testing.assert_array_equal(_bits(batched[0]), want)
+    np.testing.assert_array_equal(_bits(batched[1]), _bits(_jit(xla_form)(xs[1], idxs[1])))
+
+
 @X_DTYPES
 def test_network_rules_vmap_and_differentiate_like_their_xla_forms(dtype):
     # Under jax.vmap (sweeps) the loop runs per input; a derivative (the

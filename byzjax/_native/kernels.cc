@@ -1102,9 +1102,13 @@ Network network_of(int64_t id) {
   return it == networks.end() ? Network{} : it->second;
 }
 
+// The network over rows of x: all n of them in order, or with a non-empty idx
+// (..., m) the m rows x[idx] (clamped into [0, n)), read where they lie: a rule
+// over chosen rows (Bulyan's) needs no gathered copy.
 template <ffi::DataType DT>
 ffi::Error NetworkImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
-                       ffi::ResultBuffer<ffi::F32> out, int64_t id) {
+                       ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out,
+                       int64_t id) {
   const Shape shape = shape_of(x);
   const Network network = network_of(id);
   const NetworkFn fn = network.fn;
@@ -1114,23 +1118,33 @@ ffi::Error NetworkImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
         "network: x must be (..., n, d) and the network registered");
   }
   const int64_t n = shape.n, d = shape.d, batch = shape.batch;
+  const bool taken = idx.element_count() != 0;
+  if (taken && idx.element_count() % std::max<int64_t>(batch, 1) != 0) {
+    return ffi::Error::InvalidArgument("network: idx must be (..., m) or empty");
+  }
+  const int64_t m = taken && batch ? idx.element_count() / batch : n;
   // The loop takes about four times a read's time per element.
-  const int threads = thread_count(4.0 * n * d);
+  const int threads = thread_count(4.0 * m * d);
   using T = ffi::NativeType<DT>;
   for (int64_t b = 0; b < batch; ++b) {
     const T* xb = x.typed_data() + b * n * d;
     float* ob = out->typed_data() + b * d;
-    std::vector<const void*> rows(n);
-    for (int64_t i = 0; i < n; ++i) rows[i] = xb + i * d;
+    std::vector<const void*> rows(m);
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t r =
+          taken ? std::clamp<int64_t>(idx.typed_data()[b * m + i], 0, n - 1) : i;
+      rows[i] = xb + r * d;
+    }
     split_columns(pool, d, threads, [&](int, int64_t lo, int64_t hi) {
       const int64_t full = lo + (hi - lo) / w * w;
       if (full > lo) fn(rows.data(), ob, lo, full);
       if (full == hi) return;
       // The column tail, padded to one vector with zeros.
-      std::vector<T> pad(n * w, T{});
-      std::vector<const void*> padded(n);
-      for (int64_t i = 0; i < n; ++i) {
-        std::copy(xb + i * d + full, xb + i * d + hi, pad.data() + i * w);
+      std::vector<T> pad(m * w, T{});
+      std::vector<const void*> padded(m);
+      for (int64_t i = 0; i < m; ++i) {
+        const T* row = static_cast<const T*>(rows[i]);
+        std::copy(row + full, row + hi, pad.data() + i * w);
         padded[i] = pad.data() + i * w;
       }
       float tail[16];
@@ -1233,6 +1247,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxNetwork, NetworkImpl<ffi::DataType::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("id"));
 
@@ -1240,5 +1255,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxNetworkBf16, NetworkImpl<ffi::DataType::BF16
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("id"));

@@ -520,10 +520,13 @@ def _register(source: str) -> int:
 _LOADED: dict[int, ctypes.CDLL] = {}
 
 
-def network_rule(x: jax.Array, source: str) -> jax.Array:
+def network_rule(x: jax.Array, source: str, idx: jax.Array | None = None) -> jax.Array:
     """The generated loop `source` over the rows of a (..., n, d) float32 or
-    bfloat16 array: (..., d) float32."""
+    bfloat16 array, or with `idx` (..., m) int32 over the rows x[idx] (read where
+    they lie, indices clamped into [0, n)): (..., d) float32."""
+    if idx is None:
+        idx = jnp.zeros(x.shape[:-2] + (0,), jnp.int32)
     target = {jnp.float32: "byzjax_network", jnp.bfloat16: "byzjax_network_bf16"}
     out = jax.ShapeDtypeStruct(x.shape[:-2] + x.shape[-1:], jnp.float32)
     call = jax.ffi.ffi_call(target[x.dtype.type], out, vmap_method="broadcast_all")
-    return call(x, id=np.int64(_register(source)))
+    return call(x, idx.astype(jnp.int32), id=np.int64(_register(source)))

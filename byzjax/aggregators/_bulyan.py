@@ -18,13 +18,10 @@ from jax import lax
 
 from byzjax._checks import require, static_int
 from byzjax._numerics import (
-    coordinate_mean_around,
-    coordinate_median,
+    mean_around_median_of,
     nan_to_posinf,
     pairwise_sq_dists,
     robust_center,
-    smallest_k,
-    take_rows,
 )
 from byzjax.aggregators._base import Aggregator, stateless
 
@@ -46,19 +43,23 @@ def bulyan_selection(x: jax.Array, f: int, theta: int) -> jax.Array:
     """
     n = x.shape[0]
     dist = pairwise_sq_dists(x, center=robust_center(x, f))
-    eye = jnp.eye(n, dtype=bool)
-    # k_t shrinks with t but top_k needs a static count: take the largest, k_0, and
-    # keep the first k_t of each row.
-    k_max = max(1, min(n - 1, n - f - 2))
-    rank = jnp.arange(k_max)
+    # Each row's distances sorted once, self last: a round's k_t nearest remaining
+    # neighbours are then the first k_t remaining entries of the row, where a
+    # top_k per round over the masked rows took about 0.8 ms a round at n = 100
+    # (52 rounds: 42 of Bulyan's 187 ms at (100, 1e6)).
+    order = jnp.argsort(
+        jnp.where(jnp.eye(n, dtype=bool), jnp.inf, dist), axis=1, stable=True
+    )
+    nearest = jnp.take_along_axis(dist, order, axis=1)
+    other = order != jnp.arange(n)[:, None]
 
     def round_(t, carry):
         removed, picked = carry
         k = jnp.maximum(1, n - t - f - 2)
-        masked = jnp.where(eye | removed[None, :], jnp.inf, dist)
-        nearest, _ = smallest_k(masked, k_max)
+        alive = other & ~removed[order]
         # `where`, not a 0/1 product: the entries past k may be +Inf.
-        score = nan_to_posinf(jnp.where(rank[None, :] < k, nearest, 0.0).sum(axis=1))
+        near = alive & (jnp.cumsum(alive, axis=1) <= k)
+        score = nan_to_posinf(jnp.where(near, nearest, 0.0).sum(axis=1))
         score = jnp.where(removed, jnp.inf, score)
         # First remaining index attaining the minimum; unlike a bare argmin it can
         # never return a removed worker when every remaining score is +Inf.
@@ -102,8 +103,8 @@ def bulyan(f: int = 0) -> Aggregator:
         theta = n - 2 * f
         # Sorted, so that ties in the coordinate stage go to the lower worker index
         # (SPEC T0) rather than to the earlier selected worker.
-        chosen = take_rows(x, jnp.sort(bulyan_selection(x, f, theta)))
-        return coordinate_mean_around(chosen, coordinate_median(chosen), theta - 2 * f)
+        chosen = jnp.sort(bulyan_selection(x, f, theta))
+        return mean_around_median_of(x, chosen, theta - 2 * f)
 
     return stateless(fn, promote=False, stored=True)
 
