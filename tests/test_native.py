@@ -653,6 +653,24 @@ def test_mean_around_median_loop_without_a_window_gives_the_xla_bits(n, d, k, dt
     np.testing.assert_array_equal(_bits(fn(x)), _bits(want))
 
 
+def test_mean_around_median_loop_keeps_the_signs_of_zero_totals():
+    # Columns whose 3 entries nearest the median are zeros of either sign or
+    # normals whose sums flush to zero, the others far from them (no tie at
+    # delta: the loop's fast branch, all 16 columns of every step), in random
+    # worker order: totals of zero, where the masked adds keep a -0 that XLA's
+    # added +0 makes +0.
+    n, d, k = 8, 4000, 3
+    rng = np.random.default_rng(3)
+    near = rng.choice(np.float32([-0.0, 0.0, 1.5e-38, -1.6e-38]), size=(3, d))
+    far = np.repeat(np.float32([[-50.0], [-1.0], [1.0], [7.0], [50.0]]), d, axis=1)
+    x = rng.permuted(np.concatenate([near, far]), axis=0)
+    fn = _jit(lambda x: nm.coordinate_mean_around_median(x, k, stored=True))
+    assert "byzjax_network" in jax.jit(fn).lower(x).as_text()
+    want = _bits(_jit(lambda x: nm.coordinate_mean_around_median(x, k))(x))
+    assert (want == _bits(np.float32(0.0))).sum() > 100
+    np.testing.assert_array_equal(_bits(fn(x)), want)
+
+
 @pytest.mark.parametrize(
     "n,m,d,k,dtype",
     [
@@ -680,7 +698,9 @@ def test_mean_around_median_of_chosen_rows_gives_the_xla_bits(n, m, d, k, dtype)
     xs, idxs = jnp.stack([x, x[::-1]]), jnp.stack([idx, idx[::-1]])
     batched = _jit(jax.vmap(lambda x, i: nm.mean_around_median_of(x, i, k)))(xs, idxs)
     np.testing.assert_array_equal(_bits(batched[0]), want)
-    np.testing.assert_array_equal(_bits(batched[1]), _bits(_jit(xla_form)(xs[1], idxs[1])))
+    np.testing.assert_array_equal(
+        _bits(batched[1]), _bits(_jit(xla_form)(xs[1], idxs[1]))
+    )
 
 
 @X_DTYPES

@@ -220,6 +220,13 @@ class _Loop:
             return self.op("and_ps", mask, a)
         return self.op("maskz_mov_ps", mask, a)
 
+    def masked_add(self, total: str, mask: str, a: str) -> str:
+        """total + a where `mask`, else total as it is: with AVX-512 one masked add,
+        where a -0 total stays -0 (total + `masked` would make it +0)."""
+        if self.width == 8:
+            return self.op("add_ps", total, self.masked(mask, a))
+        return self.op("mask_add_ps", total, mask, total, a)
+
     def all_of(self, mask: str) -> str:
         """Whether `mask` holds in every lane, as a C++ condition."""
         if self.width == 8:
@@ -456,8 +463,26 @@ def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -
             room = loop.op("sub_ps", room, loop.masked(tie, one))
         return in_order(taken)
 
+    def within_finite_delta():
+        # delta < the (k+1)-th deviation, so finite in every column: a NaN
+        # deviation compares false as the +Inf it stands for does, and the masked
+        # adds skip the rows out of delta where XLA adds their +0. The totals
+        # differ only where a total is zero (-0 kept here, +0 there), so steps
+        # with a zero total take XLA's form instead.
+        total = None
+        for i in range(n):
+            within = loop.compare(
+                loop.magnitude(loop.op("sub_ps", loop.raw(i), m)), delta, "_CMP_LE_OQ"
+            )
+            if total is None:
+                total = loop.masked(within, loop.raw(i))
+            else:
+                total = loop.masked_add(total, within, loop.raw(i))
+        nonzero = loop.all_of(loop.compare(total, zero, "_CMP_NEQ_UQ"))
+        return loop.branch(nonzero, lambda: loop.mean(total, k), within_delta)
+
     untied = loop.all_of(loop.compare(smallest(k), delta, "_CMP_GT_OQ"))
-    return loop.source(loop.branch(untied, within_delta, in_worker_order))
+    return loop.source(loop.branch(untied, within_finite_delta, in_worker_order))
 
 
 def window_mean_source(n: int, k: int, width: int | None = None) -> str:
