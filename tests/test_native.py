@@ -659,7 +659,7 @@ def test_mean_around_median_loop_keeps_the_signs_of_zero_totals():
     # delta: the loop's fast branch, all 16 columns of every step), in random
     # worker order: totals of zero, where the masked adds keep a -0 that XLA's
     # added +0 makes +0.
-    n, d, k = 8, 4000, 3
+    d, k = 4000, 3
     rng = np.random.default_rng(3)
     near = rng.choice(np.float32([-0.0, 0.0, 1.5e-38, -1.6e-38]), size=(3, d))
     far = np.repeat(np.float32([[-50.0], [-1.0], [1.0], [7.0], [50.0]]), d, axis=1)
