@@ -561,10 +561,11 @@ def coordinate_mean_around_median(
     one inside with another value, SPEC T0 picks by worker index, and those
     columns (with a non-finite median's) are recomputed through the rows in
     worker order (`_mean_around_median_rows`), in gathered blocks of columns when
-    few, else whole. Bulyan keeps the general form (`mean_around_median_of`): on
-    its rows a window took 50.8 against 19.7 ms at (25, 1e6). `stored`: as in
-    `coordinate_median` (the window's loop, the fix in XLA; without a window, the whole rule as one
-    loop: `networks.mean_around_median_source`, the general form's bits, which
+    few, else whole. Bulyan keeps the general form (`mean_around_median_of`): on its
+    rows a window took 50.8 against 19.7 ms at (25, 1e6). `stored`: as in
+    `coordinate_median` (the window's loop, the fix in XLA; without a window, the
+    whole rule as one loop: `networks.mean_around_median_source`, the general form's
+    bits, which
     `_mean_around_median_rows` gives too).
     """
     n = x.shape[0]
