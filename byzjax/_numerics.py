@@ -565,8 +565,7 @@ def coordinate_mean_around_median(
     rows a window took 50.8 against 19.7 ms at (25, 1e6). `stored`: as in
     `coordinate_median` (the window's loop, the fix in XLA; without a window, the
     whole rule as one loop: `networks.mean_around_median_source`, the general form's
-    bits, which
-    `_mean_around_median_rows` gives too).
+    bits, which `_mean_around_median_rows` gives too).
     """
     n = x.shape[0]
     windowed = 2 * k >= n and x.dtype == jnp.float32 and n <= FULL_NETWORK_MAX_N
