@@ -229,13 +229,15 @@ def test_rule_fused_update_equals_update(name, dtype):
         return
     rng = np.random.default_rng(7)
     shapes = [(cfg["n"], 37), (40, 37)]
+    # One compile per shape for all inputs.
+    forms = [
+        jax.jit(lambda x, u=u: u(x, agg.init(x), agg.default_params)[0])
+        for u in (agg.update, agg.fused_update)
+    ]
     for x in [rng.normal(size=s) for s in shapes] + [np.full(shapes[0], 0.5)]:
         x = jnp.asarray(x, dtype)
         for rows in (x, x.at[1].set(jnp.nan)):
-            stored, fused = (
-                jax.jit(lambda x, u=u: u(x, agg.init(x), agg.default_params)[0])(rows)
-                for u in (agg.update, agg.fused_update)
-            )
+            stored, fused = (form(rows) for form in forms)
             assert stored.dtype == fused.dtype == dtype
             np.testing.assert_allclose(
                 np.asarray(stored, np.float64),
@@ -523,8 +525,9 @@ def _influence(agg, x):
 
 
 def _assert_influence_finite(agg, n):
+    influence = jax.jit(lambda x: _influence(agg, x))  # one compile for all inputs
     for label, x in _influence_inputs(n).items():
-        weights = np.asarray(jax.jit(lambda x: _influence(agg, x))(x))
+        weights = np.asarray(influence(x))
         assert np.isfinite(weights).all(), (label, weights)
 
 
