@@ -415,12 +415,19 @@ def _selection_kernel(x: jax.Array, n: int | None = None) -> bool:
     return _network_kernel(x, max_n=networks.selection_max_n(), n=n)
 
 
-def _through_network(x: jax.Array, source: str, xla_form) -> jax.Array:
-    """The generated loop `source` over x, differentiated as `xla_form` (the same
-    values, bit for bit)."""
-    rule = jax.custom_jvp(lambda x: networks.network_rule(x, source))
-    rule.defjvp(lambda primals, tangents: jax.jvp(xla_form, primals, tangents))
-    return rule(x)
+def _through_network(
+    x: jax.Array, source: str, xla_form, idx: jax.Array | None = None
+) -> jax.Array:
+    """The generated loop `source` over the rows of x, or over x[idx], differentiated
+    as `xla_form(x)`, or `xla_form(x, idx)` (the same values, bit for bit)."""
+    rest = () if idx is None else (idx,)
+    rule = jax.custom_jvp(lambda x, *rest: networks.network_rule(x, source, *rest))
+    rule.defjvp(
+        lambda primals, tangents: jax.jvp(
+            lambda x: xla_form(x, *primals[1:]), primals[:1], tangents[:1]
+        )
+    )
+    return rule(x, *rest)
 
 
 def mean_around_median_of(x: jax.Array, idx: jax.Array, k: int) -> jax.Array:
@@ -437,17 +444,7 @@ def mean_around_median_of(x: jax.Array, idx: jax.Array, k: int) -> jax.Array:
     if not _selection_kernel(x, m):
         return xla_form(x, idx)
     source = networks.mean_around_median_source(m, k, x.dtype.type)
-
-    @jax.custom_jvp
-    def rule(x, idx):
-        return networks.network_rule(x, source, idx)
-
-    @rule.defjvp
-    def _(primals, tangents):
-        x, idx = primals
-        return jax.jvp(lambda x: xla_form(x, idx), (x,), (tangents[0],))
-
-    return rule(x, idx)
+    return _through_network(x, source, xla_form, idx)
 
 
 def coordinate_median(x: jax.Array, *, stored: bool = False) -> jax.Array:

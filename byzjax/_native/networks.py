@@ -406,8 +406,11 @@ def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -
     r = loop.network(batcher_pairs(n), sorted({*ends, *middle_ranks(n)}))
     m = loop.median(r)
 
+    def distance(v):
+        return loop.magnitude(loop.op("sub_ps", v, m))
+
     def deviation_of(v):
-        return loop.finite_or_inf(loop.magnitude(loop.op("sub_ps", v, m)))
+        return loop.finite_or_inf(distance(v))
 
     def deviation(i):
         return deviation_of(loop.raw(i))
@@ -471,9 +474,7 @@ def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -
         # with a zero total take XLA's form instead.
         total = None
         for i in range(n):
-            within = loop.compare(
-                loop.magnitude(loop.op("sub_ps", loop.raw(i), m)), delta, "_CMP_LE_OQ"
-            )
+            within = loop.compare(distance(loop.raw(i)), delta, "_CMP_LE_OQ")
             if total is None:
                 total = loop.masked(within, loop.raw(i))
             else:
