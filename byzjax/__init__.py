@@ -7,13 +7,32 @@ in `byzjax.data`, `byzjax.models` and `byzjax.sim`.
 
 from __future__ import annotations
 
-import chex
-import jax
+import importlib
+from typing import TYPE_CHECKING
 
-from byzjax import aggregators, attacks, data, models, sim
-from byzjax._pytree import ravel_workers
+if TYPE_CHECKING:
+    import chex
+    import jax
+
+    from byzjax import aggregators, attacks, data, models, sim
 
 __version__ = "0.1.0"
+
+# The subpackages load on first use: `import byzjax` alone does not import jax
+# (about 5 s on the 2-core AMD VM), so `python -m byzjax` restarts with the
+# tuned malloc (`byzjax._allocator`) before paying for it, instead of paying twice.
+_SUBPACKAGES = ("aggregators", "attacks", "data", "models", "sim")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"byzjax.{name}")
+    raise AttributeError(f"module 'byzjax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBPACKAGES})
+
 
 __all__ = [
     "__version__",
@@ -47,6 +66,9 @@ def aggregate(
       ValueError: unknown names or parameters, or a violated precondition (raised
         before anything is compiled).
     """
+    from byzjax import aggregators
+    from byzjax._pytree import ravel_workers
+
     run = aggregators.one_shot(rule, f=f, pre=pre, **params)
     x, unravel = ravel_workers(grads)
     return unravel(run(x))
@@ -67,6 +89,9 @@ def attack(
     Returns:
       An (f, d) array, or the pytree's structure with a leading axis f.
     """
+    from byzjax import attacks
+    from byzjax._pytree import ravel_workers
+
     run = attacks.one_shot(name, f=f, **params)
     x, unravel = ravel_workers(honest)
     return unravel(run(key, x))

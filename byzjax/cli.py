@@ -277,9 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The installed `byzjax` command and `python -m byzjax[.cli]`: `main` in a
-    process restarted with the malloc settings of `byzjax._allocator` (large
-    XLA:CPU buffers are otherwise faulted in afresh on every call)."""
+    """`main` in a process restarted with the malloc settings of
+    `byzjax._allocator` (large XLA:CPU buffers are otherwise faulted in afresh on
+    every call): `python -m byzjax.cli`, and the `byzjax` command and `python -m
+    byzjax` after their earlier restart (`byzjax.__main__`)."""
     reexec_tuned()
     sys.exit(main())
 
