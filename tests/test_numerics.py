@@ -1,5 +1,6 @@
 """Shared numerics against plain NumPy float64, on both code paths of each routine."""
 
+import functools
 import itertools
 
 import jax
@@ -126,6 +127,17 @@ def _two_sided_ties(ties, n, d, rng):
     return x
 
 
+@functools.cache
+def _mean_around_median_jit(k: int, vmapped: bool = False):
+    """One jitted `coordinate_mean_around_median(x, k)` per k, shared by the tests
+    of one input shape: its XLA form took 5-8 s to compile on the 2-core AMD VM."""
+
+    def fn(x):
+        return nm.coordinate_mean_around_median(x, k)
+
+    return jax.jit(jax.vmap(fn) if vmapped else fn)
+
+
 @pytest.mark.parametrize("ties", ["few", "every_block", "vmapped"])
 def test_mean_around_median_two_sided_ties(ties):
     # A value outside the window of the sorted column exactly as far from the
@@ -137,7 +149,7 @@ def test_mean_around_median_two_sided_ties(ties):
     rng = np.random.default_rng(7)
     kinds = ["none", "few", "every_block"] if ties == "vmapped" else [ties]
     x = np.stack([_two_sided_ties(kind, n, d, rng) for kind in kinds])
-    got = jax.jit(jax.vmap(lambda x: nm.coordinate_mean_around_median(x, k)))(x)
+    got = _mean_around_median_jit(k, vmapped=True)(x)
     for got_i, x_i in zip(got, x, strict=True):
         np.testing.assert_allclose(
             got_i, _mean_around_median_oracle(x_i, k), rtol=1e-5, atol=1e-6
@@ -210,7 +222,7 @@ def test_mean_around_median_window_matches_the_general_form(n, k, data):
         x[0], x[1] = np.nan, np.inf
     if data == "majority":
         x[: n // 2 + 1, 7] = np.inf
-    got = jax.jit(lambda x: nm.coordinate_mean_around_median(x, k))(x)
+    got = _mean_around_median_jit(k)(x)
     want = _mean_around_median_oracle(x, k)
     if data == "majority":
         # Beyond the breakdown point every deviation from an infinite median is
