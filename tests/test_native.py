@@ -8,6 +8,7 @@ rules fall back to are tested on the same oracle in test_numerics.py and
 test_aggregators.py (BYZJAX_NATIVE=0).
 """
 
+import ctypes
 import functools
 import os
 import subprocess
@@ -164,6 +165,29 @@ def test_failed_build_raises_with_the_compiler_output(tmp_path, monkeypatch):
         _native._build_shared("int x;", "kernels")
     # No half-written library or generated source is left.
     assert [p.name for p in tmp_path.iterdir()] == ["cxx"]
+
+
+def test_sources_include_their_precompiled_header(tmp_path, monkeypatch):
+    # The network loops include one header, precompiled once per flags: a build
+    # finds it by name, and without the precompiled form (deleted, or a compiler
+    # that makes none) the text header is parsed instead.
+    monkeypatch.setenv("BYZJAX_CACHE_DIR", str(tmp_path))
+    header = ("byzjax_test.h", "#include <cstdint>\nconstexpr int64_t kSeven = 7;\n")
+    source = '#include "byzjax_test.h"\nextern "C" int64_t seven() { return kSeven; }\n'
+    _native._precompiled.cache_clear()
+    lib = _native._build_shared(source, "test", ("-O1",), header)
+    assert ctypes.cdll.LoadLibrary(str(lib)).seven() == 7
+    (folder,) = tmp_path.glob("header-*")
+    assert sorted(p.name for p in folder.iterdir()) == [header[0], header[0] + ".gch"]
+    (folder / (header[0] + ".gch")).unlink()
+    lib.unlink()
+    assert (
+        ctypes.cdll.LoadLibrary(
+            str(_native._build_shared(source, "test", ("-O1",), header))
+        ).seven()
+        == 7
+    )
+    _native._precompiled.cache_clear()
 
 
 def test_kernels_differentiate_like_their_formulas():

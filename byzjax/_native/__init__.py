@@ -338,33 +338,39 @@ def _cache_dir() -> pathlib.Path:
 
 
 def _build_shared(
-    source: str, stem: str, flags=("-O3", "-march=native")
+    source: str,
+    stem: str,
+    flags=("-O3", "-march=native"),
+    header: tuple[str, str] | None = None,
 ) -> pathlib.Path:
     """Compiles C++ `source` into a shared library once per (source, jax, compiler,
-    flags, CPU), cached as `{stem}-{key}.so`; returns its path."""
+    flags, CPU), cached as `{stem}-{key}.so`; returns its path. `header` (name,
+    text): a header the source includes by that name, precompiled once per
+    (text, compiler, flags, CPU) beside the libraries (`_precompiled`)."""
     cxx = _compiler()
     version = subprocess.run(
         [cxx, "--version"], capture_output=True, text=True, check=True
     ).stdout
     extra = shlex.split(os.environ.get("BYZJAX_NATIVE_FLAGS", ""))
     flags = [*flags, *extra, "-std=c++17", "-shared", "-fPIC", "-pthread"]
-    key = hashlib.sha256(
-        "\0".join(
-            [source, jax.__version__, version, " ".join(flags)] + [_cpu_signature()]
-        ).encode()
-    ).hexdigest()[:16]
+    signature = [jax.__version__, version, " ".join(flags), _cpu_signature()]
+    key = _key([source, *signature, *(header or ())])
     cache = _cache_dir()
     target = cache / f"{stem}-{key}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
+    includes = [f"-I{jax.ffi.include_dir()}"]
+    if header is not None:
+        folder = _precompiled(cxx, tuple(flags), header, tuple(signature))
+        includes.insert(0, f"-I{folder}")
     # Built under temporary names and renamed: parallel test workers may race.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     src = pathlib.Path(tmp).with_suffix(".cc")
     try:
         src.write_text(source)
-        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(src), "-o", tmp]
+        cmd = [cxx, *flags, *includes, str(src), "-o", tmp]
         subprocess.run(cmd, capture_output=True, text=True, check=True)
         os.replace(tmp, target)
     finally:
@@ -372,6 +378,43 @@ def _build_shared(
             if os.path.exists(leftover):
                 os.unlink(leftover)
     return target
+
+
+def _key(parts: list[str]) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _precompiled(
+    cxx: str, flags: tuple[str, ...], header: tuple[str, str], signature: tuple[str]
+) -> pathlib.Path:
+    """A directory holding header (name, text) and, where the compiler makes one,
+    its precompiled form for these flags (GCC reads `name.gch` in place of the
+    header when the flags match, else the header itself); built once per process
+    at most (a compiler that makes none is not asked again), under a temporary
+    name as in `_build_shared`."""
+    name, text = header
+    folder = _cache_dir() / f"header-{_key([name, text, *signature])}"
+    done = folder / f"{name}.gch"
+    if done.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".h", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, folder / name)
+    fd, tmp = tempfile.mkstemp(suffix=".gch", dir=folder)
+    os.close(fd)
+    compile_only = [flag for flag in flags if flag != "-shared"]
+    cmd = [cxx, *compile_only, "-x", "c++-header", str(folder / name), "-o", tmp]
+    try:
+        # Without it (a compiler that makes none) the sources parse the header.
+        if subprocess.run(cmd, capture_output=True).returncode == 0:
+            os.replace(tmp, done)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return folder
 
 
 @functools.cache
