@@ -750,6 +750,9 @@ def test_network_rules_vmap_and_differentiate_like_their_xla_forms(dtype):
                 _bits(batched[i]), _bits(one(xs[i])), err_msg=name
             )
 
+        if dtype != np.float32:
+            continue  # the derivatives are taken on float32 rows (below) either way
+
         def loss(x, stored, r=rule):
             return jnp.sum(r(x.astype(jnp.float32), stored) * w)
 
