@@ -411,8 +411,8 @@ def _network_kernel(
 def _selection_kernel(x: jax.Array, n: int | None = None) -> bool:
     """Whether the median, trimmed mean or (above 32 rows) mean around the median
     of n stored rows of x (all of them by default) runs as a generated loop: up
-    to `networks.selection_max_n()` rows."""
-    return _network_kernel(x, max_n=networks.selection_max_n(), n=n)
+    to `networks.selection_max_n(x.dtype)` rows."""
+    return _network_kernel(x, max_n=networks.selection_max_n(x.dtype), n=n)
 
 
 def _through_network(

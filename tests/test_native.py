@@ -628,13 +628,14 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
     ],
 )
 def test_selection_loops_above_32_rows_give_the_xla_bits(n, d, b, dtype):
-    # With AVX-512 the median, trimmed mean and mean around the median run as loops
-    # up to 128 rows; the rules take them where `selection_max_n` says so (bfloat16
-    # networks by XLA's min/max there). Column blocks of 256 (65 and 100 rows), a
-    # part block, a tail, the threaded split (100 rows).
+    # The median, trimmed mean and mean around the median run as loops up to 128
+    # rows (bfloat16 with AVX-512 only); the rules take them where
+    # `selection_max_n` says so (bfloat16 networks by XLA's min/max there). Column
+    # blocks of 256 (65 and 100 rows), a part block, a tail, the threaded split
+    # (100 rows).
     from byzjax._native import networks
 
-    if n > networks.selection_max_n():
+    if n > networks.selection_max_n(dtype):
         pytest.skip("this CPU runs these rules above 32 rows in XLA's loops")
     x = _network_inputs(n * 1000 + d, n, d, dtype)
     # One trimming each (each loop and XLA form takes seconds to compile): the

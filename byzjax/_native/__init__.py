@@ -27,8 +27,8 @@ distances are float32); `row_rule` (the mean and the sign majority of stored
 float32 or bfloat16 rows): XLA:CPU's loops over 16-bit elements are scalar, and
 its fused loops over many rows read them as interleaved streams; `network` (the
 sorting-network rules over n <= 32 stored rows, in loops generated per network by
-`networks.py`; the float32 median up to 128 rows with AVX-512): XLA's fused loop
-streams the rows without prefetching them.
+`networks.py`; the median, trimmed mean and mean around the median up to 128
+rows): XLA's fused loop streams the rows without prefetching them.
 """
 
 from __future__ import annotations

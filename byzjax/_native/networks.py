@@ -1,5 +1,6 @@
-"""Sorting-network rules over the rows as generated CPU loops (n <= 32; with
-AVX-512 the median, trimmed mean and mean around the median up to 128 rows).
+"""Sorting-network rules over the rows as generated CPU loops (n <= 32; the
+median, trimmed mean and mean around the median up to 128 rows, in bfloat16 with
+AVX-512 only).
 
 XLA fuses a sorting network over the rows into one loop that LLVM compiles well
 (the median of 25 rows: 202 min/max, 80 spills and 74 reloads per 8 columns,
@@ -66,16 +67,19 @@ _PREFETCH_BYTES = 512
 # cycles per 16 columns from L1), and 512 bytes ahead is more than L1 holds for
 # 100 rows. `/tmp` programs on the 2-core Xeon (family 6 model 207), two threads.
 _BLOCK_BYTES = 1024
-# Compiler flags by columns a step. For AVX2, GCC's scheduler before register
-# allocation, aware of register pressure: the median's loop at n = 25 117
-# against 121 cycles per 8 columns from cache (AMD Zen 3). For AVX-512 it spilled
-# more: the median of 100 rows kept 881 spills per 16 columns with it, 127
-# without, and took 61-64 against 51 ms at (100, 1e6) on the 2-core Xeon (no
-# difference at n = 25, which reads at the floor either way).
+# Compiler flags by columns a step, for loops up to 32 rows. For AVX2, GCC's
+# scheduler before register allocation, aware of register pressure: the median's
+# loop at n = 25 117 against 121 cycles per 8 columns from cache (AMD Zen 3). It
+# spills more above 32 rows (the blocked loops take `_BLOCKED_FLAGS`): the median
+# of 100 rows took 61-64 against 51 ms with AVX-512 at (100, 1e6) on the 2-core
+# Xeon (881 spills per 16 columns against 127), and with AVX2 on the 2-core AMD
+# Zen 3 142 against 66 ms, mean around the median 163 against 109 (no difference
+# at n = 25, which reads at the floor either way).
 _FLAGS = {
     8: ("-O3", "-march=native", "-fschedule-insns", "-fsched-pressure"),
     16: ("-O3", "-march=native"),
 }
+_BLOCKED_FLAGS = ("-O3", "-march=native")
 
 # Row i's `width` values from rows[i] + k as float32: a bfloat16 widened by a
 # shift of its bits.
@@ -114,15 +118,19 @@ def native_width() -> int:
     return 16 if has_avx512 and not avx2_only else 8
 
 
-def selection_max_n() -> int:
-    """The largest n whose median, trimmed mean and mean around the median run as
-    loops here. With AVX-512's registers the median's loop beats XLA's up to
-    `NETWORK_MAX_N` rows (at (100, 1e6) on the 2-core Xeon: 52 against 71 ms, the
-    floor 19, then 27-30 ms with the column blocks, the floor 18-20; AVX2's loop
-    76 ms, spill-bound); a selection, so its bits are XLA's whatever the order of
-    its sums. Above 32 rows the trimmed mean's loop is XLA's clip form
-    (`trimmed_mean_source`)."""
-    return NETWORK_MAX_N if native_width() == 16 else FULL_NETWORK_MAX_N
+def selection_max_n(dtype=jnp.float32) -> int:
+    """The largest n whose median, trimmed mean and mean around the median of
+    `dtype` rows run as loops here: `NETWORK_MAX_N` (a selection, so its bits
+    are XLA's whatever the order of its sums; above 32 rows the trimmed mean's
+    loop is XLA's clip form, `trimmed_mean_source`), but 32 for bfloat16 on
+    AVX2, which has no min/max exchange of XLA's order of signed zeros
+    (`_Loop.exchange`). At (100, 1e6): on the 2-core Xeon with AVX-512 the
+    median took 27-30 ms, XLA's 71 (the floor 18-20); on the 2-core AMD Zen 3
+    with AVX2 66 ms, XLA's 128 (the floor 18.6), mean around the median 109
+    against 335 ms."""
+    if native_width() == 16 or dtype == jnp.float32:
+        return NETWORK_MAX_N
+    return FULL_NETWORK_MAX_N
 
 
 def _low_wires_first(pairs):
@@ -538,7 +546,8 @@ def _register(source: str) -> int:
     lib = _require()
     # The width picks the flags and goes to the kernel, which pads the tail to it.
     width = int(re.search(r"kWidth = (\d+);", source).group(1))
-    path = _build_shared(source, "network", _FLAGS[width], (_HEADER_NAME, _HEADER))
+    flags = _BLOCKED_FLAGS if "kBlock" in source else _FLAGS[width]
+    path = _build_shared(source, "network", flags, (_HEADER_NAME, _HEADER))
     loop = ctypes.cdll.LoadLibrary(str(path))
     ident = int(hashlib.sha256(source.encode()).hexdigest()[:15], 16)
     address = ctypes.cast(loop.byzjax_network, ctypes.c_void_p).value
