@@ -20,6 +20,7 @@ from byzjax._native import networks
 from byzjax._rows import compute_dtype, promoted_blocks, promoted_rows, promoted_take
 from byzjax._sorting import (
     FULL_NETWORK_MAX_N,
+    NETWORK_MAX_N,
     SELECT_MAX_N,
     _nan_to_posinf,
     middle_ranks,
@@ -411,8 +412,8 @@ def _network_kernel(
 def _selection_kernel(x: jax.Array, n: int | None = None) -> bool:
     """Whether the median, trimmed mean or (above 32 rows) mean around the median
     of n stored rows of x (all of them by default) runs as a generated loop: up
-    to `networks.selection_max_n(x.dtype)` rows."""
-    return _network_kernel(x, max_n=networks.selection_max_n(x.dtype), n=n)
+    to `NETWORK_MAX_N` rows."""
+    return _network_kernel(x, max_n=NETWORK_MAX_N, n=n)
 
 
 def _through_network(

@@ -629,14 +629,9 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
 )
 def test_selection_loops_above_32_rows_give_the_xla_bits(n, d, b, dtype):
     # The median, trimmed mean and mean around the median run as loops up to 128
-    # rows (bfloat16 with AVX-512 only); the rules take them where
-    # `selection_max_n` says so (bfloat16 networks by XLA's min/max there). Column
-    # blocks of 256 (65 and 100 rows), a part block, a tail, the threaded split
-    # (100 rows).
-    from byzjax._native import networks
-
-    if n > networks.selection_max_n(dtype):
-        pytest.skip("this CPU runs these rules above 32 rows in XLA's loops")
+    # rows (bfloat16 networks by XLA's min/max there: AVX-512's range
+    # instruction, AVX2's integer min and max on order keys). Column blocks of
+    # 256 (65 and 100 rows), a part block, a tail, the threaded split (100 rows).
     x = _network_inputs(n * 1000 + d, n, d, dtype)
     # One trimming each (each loop and XLA form takes seconds to compile): the
     # fewest, a quarter, the most.

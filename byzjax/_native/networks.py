@@ -1,6 +1,11 @@
 """Sorting-network rules over the rows as generated CPU loops (n <= 32; the
-median, trimmed mean and mean around the median up to 128 rows, in bfloat16 with
-AVX-512 only).
+median, trimmed mean and mean around the median up to 128 rows, `NETWORK_MAX_N`).
+
+Above 32 rows, at (100, 1e6) float32: on the 2-core Xeon with AVX-512 the
+median took 27-30 ms against XLA's 71 (the floor 18-20); on the 2-core AMD Zen 3
+with AVX2 66 against 128 ms (the floor 18.6), mean around the median 109 against
+335 ms. A selection, so its bits are XLA's whatever the order of its sums; the
+trimmed mean's loop is XLA's clip form there (`trimmed_mean_source`).
 
 XLA fuses a sorting network over the rows into one loop that LLVM compiles well
 (the median of 25 rows: 202 min/max, 80 spills and 74 reloads per 8 columns,
@@ -42,7 +47,6 @@ import numpy as np
 from byzjax._native import _build_shared, _require, cpu_info, warn_unbuilt
 from byzjax._sorting import (
     FULL_NETWORK_MAX_N,
-    NETWORK_MAX_N,
     SELECT_MAX_N,
     batcher_pairs,
     middle_ranks,
@@ -116,21 +120,6 @@ def native_width() -> int:
     # Xeon Phi has it).
     has_avx512 = {"avx512f", "avx512dq"} <= set(cpu_info().get("flags", "").split())
     return 16 if has_avx512 and not avx2_only else 8
-
-
-def selection_max_n(dtype=jnp.float32) -> int:
-    """The largest n whose median, trimmed mean and mean around the median of
-    `dtype` rows run as loops here: `NETWORK_MAX_N` (a selection, so its bits
-    are XLA's whatever the order of its sums; above 32 rows the trimmed mean's
-    loop is XLA's clip form, `trimmed_mean_source`), but 32 for bfloat16 on
-    AVX2, which has no min/max exchange of XLA's order of signed zeros
-    (`_Loop.exchange`). At (100, 1e6): on the 2-core Xeon with AVX-512 the
-    median took 27-30 ms, XLA's 71 (the floor 18-20); on the 2-core AMD Zen 3
-    with AVX2 66 ms, XLA's 128 (the floor 18.6), mean around the median 109
-    against 335 ms."""
-    if native_width() == 16 or dtype == jnp.float32:
-        return NETWORK_MAX_N
-    return FULL_NETWORK_MAX_N
 
 
 def _low_wires_first(pairs):
@@ -283,6 +272,11 @@ class _Loop:
         compare-exchange needs it. `ordered`: XLA's min/max compare-exchanges
         (`byzjax._sorting._network`'s select=False) instead of its selects."""
         wire = wire or self.row
+        # AVX2 has no min/max of XLA's order of zeros: it runs the network on
+        # the values' order keys (`order_key`) with its integer min and max.
+        keyed = ordered and self.width == 8
+        if keyed:
+            wire = (lambda plain: lambda i: self.order_key(plain(i)))(wire)
         live, kept = set(needed), []
         for a, b in reversed(pairs):
             if a in live or b in live:
@@ -293,7 +287,16 @@ class _Loop:
             wa, wb = w[a] or wire(a), w[b] or wire(b)
             w[a] = self.exchange(wa, wb, "min", ordered) if lo else wa
             w[b] = self.exchange(wa, wb, "max", ordered) if hi else wb
-        return [w[i] or wire(i) if i in needed else w[i] for i in range(self.n)]
+        out = [w[i] or wire(i) if i in needed else w[i] for i in range(self.n)]
+        return [self.order_key(v) if keyed and v else v for v in out]
+
+    def order_key(self, a: str) -> str:
+        """float32 values as int32 (in float32 registers) of the same order, -0
+        below +0 (NaN-free): the sign bit kept, the other bits flipped where it is
+        set. Its own inverse."""
+        bits = f"_mm256_castps_si256({a})"
+        flip = f"_mm256_srli_epi32(_mm256_srai_epi32({bits}, 31), 1)"
+        return self.value(f"_mm256_castsi256_ps(_mm256_xor_si256({bits}, {flip}))")
 
     def exchange(self, a: str, b: str, end: str, ordered: bool) -> str:
         """The `end` ("min" or "max") of a compare-exchange of wires a < b,
@@ -301,11 +304,12 @@ class _Loop:
         is AVX's min(b, a) and max(a, b), whose equal zeros keep the operand
         order. XLA's min and max order -0 below +0, as AVX-512's range
         instruction does (imm8 bits 1:0 pick min or max, 3:2 the sign from the
-        comparison)."""
+        comparison), and AVX2's integer min and max on order keys."""
         if not ordered:
             return self.op(f"{end}_ps", *((b, a) if end == "min" else (a, b)))
-        if self.width == 8:
-            raise ValueError("network loops: min/max exchanges need AVX-512")
+        if self.width == 8:  # on order keys (`network`)
+            ints = f"_mm256_castps_si256({a}), _mm256_castps_si256({b})"
+            return self.value(f"_mm256_castsi256_ps(_mm256_{end}_epi32({ints}))")
         return self.op("range_ps", a, b, {"min": "0x04", "max": "0x05"}[end])
 
     def sum_tree(self, terms: list[str]) -> str:
@@ -366,7 +370,7 @@ extern "C" void byzjax_network(const void* const* rows, float* out, int64_t lo,
 
 
 def median_source(n: int, dtype, width: int | None = None) -> str:
-    """`byzjax._numerics.coordinate_median` (n <= `selection_max_n()`); `width`
+    """`byzjax._numerics.coordinate_median` (n <= `NETWORK_MAX_N`); `width`
     columns a step, this CPU's `native_width()` unless given."""
     loop = _Loop(n, dtype, width or native_width())
     r = loop.network(batcher_pairs(n), middle_ranks(n), ordered=_ordered(n, dtype))
@@ -382,7 +386,7 @@ def _ordered(n: int, dtype) -> bool:
 def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
     """`byzjax._numerics.coordinate_trimmed_mean` (b >= 1). Up to 32 rows the
     middle set off the partition network, summed as a tree; above (n <=
-    `selection_max_n()`), XLA's clip form: the ranks b and n - b - 1 off the
+    `NETWORK_MAX_N`), XLA's clip form: the ranks b and n - b - 1 off the
     median's kind of network, then every row clipped to them and summed."""
     loop = _Loop(n, dtype, width or native_width())
     if n <= FULL_NETWORK_MAX_N:
@@ -400,7 +404,7 @@ def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
 
 def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -> str:
     """`byzjax._numerics.coordinate_mean_around(x, coordinate_median(x), k)`
-    (n <= `selection_max_n()`; bfloat16 rows widened as XLA's forms widen them):
+    (n <= `NETWORK_MAX_N`; bfloat16 rows widened as XLA's forms widen them):
     the median m and the k-th smallest deviation delta = |x_i - m| (NaN as +Inf)
     off one network, then the rows within delta summed in worker order, ties
     (SPEC T0) while room is left; the counts in float32 (exact integers). Where
