@@ -362,7 +362,7 @@ def _build_shared(
     cache.mkdir(parents=True, exist_ok=True)
     includes = [f"-I{jax.ffi.include_dir()}"]
     if header is not None:
-        folder = _precompiled(cxx, tuple(flags), header, tuple(signature))
+        folder = _precompiled(cache, cxx, tuple(flags), header, tuple(signature))
         includes.insert(0, f"-I{folder}")
     # Built under temporary names and renamed: parallel test workers may race.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
@@ -386,15 +386,19 @@ def _key(parts: list[str]) -> str:
 
 @functools.cache
 def _precompiled(
-    cxx: str, flags: tuple[str, ...], header: tuple[str, str], signature: tuple[str]
+    cache: pathlib.Path,
+    cxx: str,
+    flags: tuple[str, ...],
+    header: tuple[str, str],
+    signature: tuple[str],
 ) -> pathlib.Path:
-    """A directory holding header (name, text) and, where the compiler makes one,
-    its precompiled form for these flags (GCC reads `name.gch` in place of the
-    header when the flags match, else the header itself); built once per process
-    at most (a compiler that makes none is not asked again), under a temporary
-    name as in `_build_shared`."""
+    """A directory in `cache` holding header (name, text) and, where the compiler
+    makes one, its precompiled form for these flags (GCC reads `name.gch` in place
+    of the header when the flags match, else the header itself); built once per
+    process at most (a compiler that makes none is not asked again), under a
+    temporary name as in `_build_shared`."""
     name, text = header
-    folder = _cache_dir() / f"header-{_key([name, text, *signature])}"
+    folder = cache / f"header-{_key([name, text, *signature])}"
     done = folder / f"{name}.gch"
     if done.exists():
         return folder

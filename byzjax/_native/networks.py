@@ -271,12 +271,14 @@ class _Loop:
         wire i, `wire(i)` (row i by default), is made where its first
         compare-exchange needs it. `ordered`: XLA's min/max compare-exchanges
         (`byzjax._sorting._network`'s select=False) instead of its selects."""
-        wire = wire or self.row
+        load = wire or self.row
         # AVX2 has no min/max of XLA's order of zeros: it runs the network on
         # the values' order keys (`order_key`) with its integer min and max.
         keyed = ordered and self.width == 8
-        if keyed:
-            wire = (lambda plain: lambda i: self.order_key(plain(i)))(wire)
+
+        def wire(i):
+            return self.order_key(load(i)) if keyed else load(i)
+
         live, kept = set(needed), []
         for a, b in reversed(pairs):
             if a in live or b in live:
