@@ -36,13 +36,31 @@ MIN_READS = {"centered_clipping": 2, "geometric_median": 4}
 # geometric median can also take its steps from the pairwise distances
 # (|x_i - z|^2 = (D w)_i - w'Dw / 2 for z = sum_j w_j x_j, sum w = 1): n(n - 1)/2 d
 # multiply-adds, then one read for the last sum.
-FMA_PER_S = {"AMD EPYC": 9.1e9, "Intel(R) Xeon(R) Processor": 2.05e10}
+FMA_PER_S = {
+    "AMD EPYC (family 25 model 1, AVX2)": 9.1e9,
+    "Intel(R) Xeon(R) Processor (family 6 model 207, AVX-512)": 2.05e10,
+}
+
+# The vector units of the records made before `cpu_isa` was recorded: until then
+# the project's only machine of each model name was this one.
+_ISA_BEFORE_RECORDED = {
+    "AMD EPYC": "family 25 model 1, AVX2",
+    "Intel(R) Xeon(R) Processor": "family 6 model 207, AVX-512",
+}
+
+
+def machine(r: dict) -> str:
+    """The machine a record ran on: its CPU model name, family, model and widest
+    vector unit (one model name covers several of the project's machines)."""
+    cpu = r.get("cpu", "?")
+    isa = r.get("cpu_isa") or _ISA_BEFORE_RECORDED.get(cpu)
+    return f"{cpu} ({isa})" if isa else cpu
 
 
 def min_reads(r: dict) -> float:
     """Reads of the input, or their equivalent in multiply-adds, the rule needs."""
     reads = MIN_READS.get(r["name"], 1)
-    rate = FMA_PER_S.get(r.get("cpu"))
+    rate = FMA_PER_S.get(machine(r))
     if r["name"] == "geometric_median" and r.get("floor_s") and rate:
         fma_s = r["n"] * (r["n"] - 1) / 2 * r["d"] / 8 / rate
         reads = min(reads, max(1.0, fma_s / r["floor_s"]) + 1)
@@ -65,9 +83,8 @@ def load(name: str, results: str = os.path.join(HERE, "results")) -> list[dict]:
             if not line.strip():
                 continue
             r = json.loads(line)
-            key = tuple(
-                r.get(k)
-                for k in ("cpu", "kind", "name", "rule", "n", "d", "dtype", "attack")
+            key = (machine(r),) + tuple(
+                r.get(k) for k in ("kind", "name", "rule", "n", "d", "dtype", "attack")
             )
             if name in BY_MALLOC:
                 key += (_malloc(r),)
@@ -258,11 +275,11 @@ def targets(agg, byzfl, train) -> list[str]:
 
 
 def _machines(*files) -> list[str]:
-    """The CPU models of the records, the most recently measured first."""
+    """The machines of the records, the most recently measured first."""
     last: dict = {}
     for rows in files:
         for r in rows:
-            cpu = r.get("cpu", "?")
+            cpu = machine(r)
             last[cpu] = max(last.get(cpu, 0.0), r.get("time", 0.0))
     return sorted(last, key=last.get, reverse=True)
 
@@ -302,7 +319,7 @@ def render() -> str:
     ]
     for cpu in machines:
         lines += render_machine(
-            *([r for r in rows if r.get("cpu", "?") == cpu] for rows in files)
+            *([r for r in rows if machine(r) == cpu] for rows in files)
         )
     return "\n".join(lines)
 
@@ -316,16 +333,13 @@ def _anchor(title: str) -> str:
 def render_machine(agg, byzfl, train, ablations, vmapped) -> list[str]:
     """The section of one machine: its hardware, targets and tables."""
     any_row = (agg or byzfl or train or [{}])[0]
-    isa = next((r["cpu_isa"] for r in agg + byzfl + train if "cpu_isa" in r), None)
     hw = (
-        f"{any_row.get('cpu', '?')}"
-        + (f" ({isa})" if isa else "")
-        + f", {any_row.get('cpu_count', '?')} cores, "
+        f"{machine(any_row)}, {any_row.get('cpu_count', '?')} cores, "
         f"{any_row.get('platform', '?')} ({any_row.get('device', '?')}), "
         f"jax {any_row.get('jax', '?')}, jaxlib {any_row.get('jaxlib', '?')}"
     )
     lines = [
-        f"## {any_row.get('cpu', '?')}",
+        f"## {machine(any_row)}",
         "",
         f"Hardware: {hw}.{_load_note(agg + byzfl + train)}",
         "",

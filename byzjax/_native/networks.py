@@ -122,6 +122,37 @@ def native_width() -> int:
     return 16 if has_avx512 and not avx2_only else 8
 
 
+@functools.cache
+def _amd_avx512(width: int) -> bool:
+    """Whether these are AVX-512 loops on an AMD CPU (Zen 4, family 25 model 17,
+    the project's 2-core VM of session 15): there the loops run on order keys
+    above 32 rows (`keyed_exchanges`) and over column blocks at every n
+    (`_blocked`)."""
+    return width == 16 and cpu_info().get("vendor_id") == "AuthenticAMD"
+
+
+def keyed_exchanges(n: int, width: int) -> bool:
+    """Whether the loops over n rows, `width` columns a step, compare-exchange on
+    order keys (`_Loop.ranks`) on this CPU. AMD Zen 4 runs two 16-lane integer min
+    or max a cycle against one float one (12 independent chains, `/tmp` program:
+    6.4e9 against 3.2e9 a second on one core). The median of 100 rows from L2
+    took 1,591 against 1,800-1,950 cycles per 16 columns; at (100, 1e6) float32,
+    alternated, the median 21.9 against 24.9 ms, the trimmed mean 26.0 against
+    30.4, mean around the median 35.5 against 37.7. At 25 rows it gained
+    nothing beyond noise (the median 3.6-4.0 against 3.8-4.0 ms at (25, 1e6)),
+    and the window mean lost (its check covers every wire)."""
+    return n > FULL_NETWORK_MAX_N and _amd_avx512(width)
+
+
+def _blocked(n: int, width: int) -> bool:
+    """Whether the loop runs over column blocks (`_BLOCK_BYTES`): above 32 rows,
+    and on AMD Zen 4 at every n: at (25, 1e6) float32, alternated in three
+    processes, the median took 3.8-4.0 ms against 4.6-5.3 prefetching each row
+    512 bytes ahead, the trimmed mean 3.7-4.1 against 4.5-5.0, the window 4.5
+    against 4.9 (`ones @ x` 4.2-4.7 ms)."""
+    return n > FULL_NETWORK_MAX_N or _amd_avx512(width)
+
+
 def _low_wires_first(pairs):
     """`pairs` (a, b, ...) reordered as a network may run them (each after the
     earlier ones on its wires), the ready pair with the lowest upper wire b
@@ -155,15 +186,17 @@ class _Loop:
     """Straight-line AVX2 (width 8) or AVX-512 (width 16) code over `width`
     columns: one C++ variable per value."""
 
-    def __init__(self, n: int, dtype, width: int):
+    def __init__(self, n: int, dtype, width: int, keyed: bool = False):
         if width not in WIDTHS:
             raise ValueError(f"network loops: width {width} not in {WIDTHS}")
         self.lines: list[str] = []
         self.count = 0
         self.n, self.dtype, self.width = n, dtype, width
+        self.keyed = keyed  # compare-exchanges on order keys: see `ranks`
+        self.helpers: list[str] = []  # functions the loop calls (`rewire`)
         self.prefix = {8: "_mm256", 16: "_mm512"}[width]
         self.vector = {8: "__m256", 16: "__m512"}[width]
-        self.blocked = n > FULL_NETWORK_MAX_N  # see `_BLOCK_BYTES`
+        self.blocked = _blocked(n, width)  # see `_BLOCK_BYTES`
 
     def value(self, expr: str, kind: str | None = None) -> str:
         name = f"v{self.count}"
@@ -237,6 +270,44 @@ class _Loop:
             return f"_mm256_movemask_ps({mask}) == 0xFF"
         return f"{mask} == 0xFFFF"
 
+    def any_of(self, mask: str) -> str:
+        """Whether `mask` holds in some lane, as a C++ condition."""
+        if self.width == 8:
+            return f"_mm256_movemask_ps({mask}) != 0"
+        return f"{mask} != 0"
+
+    def rewire(self, condition: str, values: list[str], make) -> list[str]:
+        """`values`, or where the (rarely true) `condition` holds, `make()`'s, made
+        in a function of their own: in the loop's body, GCC's register allocation
+        of the common path suffered from the rare one (the median of 100 rows on
+        order keys, from L2 on AMD Zen 4: 1,774 cycles per 16 columns against
+        1,581 without the rare path)."""
+        saved, self.lines = self.lines, []
+        made = make()
+        body, self.lines = self.lines, saved
+        helper = f"byzjax_rare{len(self.helpers)}"
+        outs = [f"out[{j}] = {v};" for j, v in enumerate(made)]
+        self.helpers.append(
+            f'__attribute__((noinline, cold, optimize("O1"))) static void {helper}(\n'
+            f"    const void* const* rows, int64_t k, {self.vector}* out) {{\n  "
+            + "\n  ".join([self._inf(), *body, *outs])
+            + "\n}\n"
+        )
+        names = []
+        for v in values:
+            names.append(f"v{self.count}")
+            self.count += 1
+            self.lines.append(f"{self.vector} {names[-1]} = {v};")
+        self.lines.append(f"if (__builtin_expect({condition}, 0)) {{")
+        self.lines.append(f"{self.vector} made[{len(names)}];")
+        self.lines.append(f"{helper}(rows, k, made);")
+        self.lines += [f"{name} = made[{j}];" for j, name in enumerate(names)]
+        self.lines.append("}")
+        return names
+
+    def _inf(self) -> str:
+        return f"const {self.vector} inf = {self.prefix}_set1_ps(__builtin_inff());"
+
     def branch(self, condition: str, then, otherwise) -> str:
         """`then()` where `condition` holds, else `otherwise()`: each emits its
         lines in its own block and returns its value."""
@@ -265,16 +336,47 @@ class _Loop:
             return self.op("andnot_ps", "_mm256_set1_ps(-0.0f)", a)
         return self.op("abs_ps", a)
 
-    def network(self, pairs, needed, wire=None, ordered=False) -> list[str | None]:
+    def ranks(self, pairs, needed, checked, ordered=False) -> list[str | None]:
+        """The wires after `pairs` (`network`), on order keys where `keyed`.
+
+        Keys put -0 below +0, as XLA's min/max do (`ordered`), where its selects
+        keep equal zeros in their wires' order. Every other value is the same
+        either way (a wire holds its rank's value; NaN is +Inf by then). So for
+        the selects' bits, where one of the `checked` wires is a zero in some
+        column, the step's wires are made again by float exchanges (a rare
+        branch: columns whose order statistics are zeros)."""
+        if ordered or not self.keyed:
+            return self.network(pairs, needed, ordered=ordered, keyed=self.keyed)
+        r = self.network(pairs, needed, keyed=True)
+        zero = f"{self.prefix}_setzero_ps()"
+        zeros = [self.compare(r[i], zero, "_CMP_EQ_OQ") for i in checked]
+        while len(zeros) > 1:
+            zeros = [self.either(*zeros[:2]), *zeros[2:]]
+        live = [i for i in range(self.n) if r[i] is not None]
+        kept = self.rewire(
+            self.any_of(zeros[0]),
+            [r[i] for i in live],
+            lambda: [v for v in self.network(pairs, needed) if v is not None],
+        )
+        out = list(r)
+        for i, name in zip(live, kept, strict=True):
+            out[i] = name
+        return out
+
+    def network(
+        self, pairs, needed, wire=None, ordered=False, keyed=False
+    ) -> list[str | None]:
         """The wires after `pairs`, computing only what feeds the `needed` wires
         (the compare-exchanges XLA keeps after dead-code elimination); each input
         wire i, `wire(i)` (row i by default), is made where its first
         compare-exchange needs it. `ordered`: XLA's min/max compare-exchanges
-        (`byzjax._sorting._network`'s select=False) instead of its selects."""
+        (`byzjax._sorting._network`'s select=False) instead of its selects.
+        `keyed`: on the values' order keys (`order_key`) by integer min and max,
+        which order zeros as XLA's min/max do: AVX2 has no float min/max of that
+        order, and AMD's cores run twice as many integer min/max a cycle as float
+        ones (`keyed_exchanges`)."""
         load = wire or self.row
-        # AVX2 has no min/max of XLA's order of zeros: it runs the network on
-        # the values' order keys (`order_key`) with its integer min and max.
-        keyed = ordered and self.width == 8
+        keyed = keyed or (ordered and self.width == 8)
 
         def wire(i):
             return self.order_key(load(i)) if keyed else load(i)
@@ -287,8 +389,8 @@ class _Loop:
         w: list[str | None] = [None] * self.n
         for a, b, lo, hi in _low_wires_first(kept[::-1]):
             wa, wb = w[a] or wire(a), w[b] or wire(b)
-            w[a] = self.exchange(wa, wb, "min", ordered) if lo else wa
-            w[b] = self.exchange(wa, wb, "max", ordered) if hi else wb
+            w[a] = self.exchange(wa, wb, "min", ordered, keyed) if lo else wa
+            w[b] = self.exchange(wa, wb, "max", ordered, keyed) if hi else wb
         out = [w[i] or wire(i) if i in needed else w[i] for i in range(self.n)]
         return [self.order_key(v) if keyed and v else v for v in out]
 
@@ -296,22 +398,24 @@ class _Loop:
         """float32 values as int32 (in float32 registers) of the same order, -0
         below +0 (NaN-free): the sign bit kept, the other bits flipped where it is
         set. Its own inverse."""
-        bits = f"_mm256_castps_si256({a})"
-        flip = f"_mm256_srli_epi32(_mm256_srai_epi32({bits}, 31), 1)"
-        return self.value(f"_mm256_castsi256_ps(_mm256_xor_si256({bits}, {flip}))")
+        p, si = self.prefix, f"si{self.width * 32}"
+        bits = f"{p}_castps_{si}({a})"
+        flip = f"{p}_srli_epi32({p}_srai_epi32({bits}, 31), 1)"
+        return self.value(f"{p}_cast{si}_ps({p}_xor_{si}({bits}, {flip}))")
 
-    def exchange(self, a: str, b: str, end: str, ordered: bool) -> str:
+    def exchange(self, a: str, b: str, end: str, ordered: bool, keyed: bool) -> str:
         """The `end` ("min" or "max") of a compare-exchange of wires a < b,
         NaN-free. XLA's select form, lo = b < a ? b : a and hi = b < a ? a : b,
         is AVX's min(b, a) and max(a, b), whose equal zeros keep the operand
         order. XLA's min and max order -0 below +0, as AVX-512's range
         instruction does (imm8 bits 1:0 pick min or max, 3:2 the sign from the
-        comparison), and AVX2's integer min and max on order keys."""
+        comparison), and the integer min and max on order keys (`keyed`)."""
+        if keyed:  # on order keys (`network`)
+            p, si = self.prefix, f"si{self.width * 32}"
+            ints = f"{p}_castps_{si}({a}), {p}_castps_{si}({b})"
+            return self.value(f"{p}_cast{si}_ps({p}_{end}_epi32({ints}))")
         if not ordered:
             return self.op(f"{end}_ps", *((b, a) if end == "min" else (a, b)))
-        if self.width == 8:  # on order keys (`network`)
-            ints = f"_mm256_castps_si256({a}), _mm256_castps_si256({b})"
-            return self.value(f"_mm256_castsi256_ps(_mm256_{end}_epi32({ints}))")
         return self.op("range_ps", a, b, {"min": "0x04", "max": "0x05"}[end])
 
     def sum_tree(self, terms: list[str]) -> str:
@@ -361,21 +465,33 @@ class _Loop:
       {step}
     }}
   }}"""
+        helpers = "".join(self.helpers)
         return f"""#include "{_HEADER_NAME}"
 constexpr int64_t kWidth = {self.width};  // columns a step
-extern "C" void byzjax_network(const void* const* rows, float* out, int64_t lo,
-                               int64_t hi) {{
-  const {self.vector} inf = {self.prefix}_set1_ps(__builtin_inff());
+{helpers}extern "C" void byzjax_network(const void* const* rows, float* out,
+                               int64_t lo, int64_t hi) {{
+  {self._inf()}
   {loop}
 }}
 """
 
 
-def median_source(n: int, dtype, width: int | None = None) -> str:
-    """`byzjax._numerics.coordinate_median` (n <= `NETWORK_MAX_N`); `width`
-    columns a step, this CPU's `native_width()` unless given."""
-    loop = _Loop(n, dtype, width or native_width())
-    r = loop.network(batcher_pairs(n), middle_ranks(n), ordered=_ordered(n, dtype))
+def _new_loop(n: int, dtype, width: int | None, keyed: bool | None) -> _Loop:
+    """A loop of `width` columns a step, this CPU's `native_width()` unless given;
+    on order keys where `keyed`, this CPU's `keyed_exchanges(n)` unless given."""
+    width = width or native_width()
+    keyed = keyed_exchanges(n, width) if keyed is None else keyed
+    return _Loop(n, dtype, width, keyed)
+
+
+def median_source(
+    n: int, dtype, width: int | None = None, keyed: bool | None = None
+) -> str:
+    """`byzjax._numerics.coordinate_median` (n <= `NETWORK_MAX_N`); `width` and
+    `keyed` as `_new_loop` takes them."""
+    loop = _new_loop(n, dtype, width, keyed)
+    ranks = middle_ranks(n)
+    r = loop.ranks(batcher_pairs(n), ranks, ranks, ordered=_ordered(n, dtype))
     return loop.source(loop.median(r))
 
 
@@ -385,17 +501,20 @@ def _ordered(n: int, dtype) -> bool:
     return n > SELECT_MAX_N and dtype != jnp.float32
 
 
-def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
+def trimmed_mean_source(
+    n: int, b: int, dtype, width: int | None = None, keyed: bool | None = None
+) -> str:
     """`byzjax._numerics.coordinate_trimmed_mean` (b >= 1). Up to 32 rows the
     middle set off the partition network, summed as a tree; above (n <=
     `NETWORK_MAX_N`), XLA's clip form: the ranks b and n - b - 1 off the
     median's kind of network, then every row clipped to them and summed."""
-    loop = _Loop(n, dtype, width or native_width())
+    loop = _new_loop(n, dtype, width, keyed)
     if n <= FULL_NETWORK_MAX_N:
         middle = range(b, n - b)
-        r = loop.network(partition_pairs(n, (b, n - b)), middle)
+        r = loop.ranks(partition_pairs(n, (b, n - b)), middle, middle)
         return loop.source(loop.mean(loop.sum_tree([r[i] for i in middle]), n - 2 * b))
-    r = loop.network(batcher_pairs(n), (b, n - b - 1), ordered=_ordered(n, dtype))
+    ends = (b, n - b - 1)
+    r = loop.ranks(batcher_pairs(n), ends, ends, ordered=_ordered(n, dtype))
     lo, hi = r[b], r[n - b - 1]
     total = loop.sum_tree([loop.clip(loop.load(i), lo, hi) for i in range(n)])
     ends = loop.op(
@@ -404,7 +523,9 @@ def trimmed_mean_source(n: int, b: int, dtype, width: int | None = None) -> str:
     return loop.source(loop.mean(loop.op("sub_ps", total, ends), n - 2 * b))
 
 
-def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -> str:
+def mean_around_median_source(
+    n: int, k: int, dtype, width: int | None = None, keyed: bool | None = None
+) -> str:
     """`byzjax._numerics.coordinate_mean_around(x, coordinate_median(x), k)`
     (n <= `NETWORK_MAX_N`; bfloat16 rows widened as XLA's forms widen them):
     the median m and the k-th smallest deviation delta = |x_i - m| (NaN as +Inf)
@@ -421,9 +542,12 @@ def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -
     windows' ends, below n - k + 1 and from k - 1 up, and the median's are
     needed: at (100, k = 76) 1,030 compare-exchanges instead of the 898 of the
     median plus 890 of a second network over the deviations."""
-    loop = _Loop(n, dtype, width or native_width())
+    loop = _new_loop(n, dtype, width, keyed)
     ends = sorted({*range(n - k + 1), *range(k - 1, n)})
-    r = loop.network(batcher_pairs(n), sorted({*ends, *middle_ranks(n)}))
+    # The deviations' bits do not depend on the signs of zeros at the ends, given
+    # the median's: |(+-0) - m| is |m| for m != 0, else +0.
+    needed = sorted({*ends, *middle_ranks(n)})
+    r = loop.ranks(batcher_pairs(n), needed, middle_ranks(n))
     m = loop.median(r)
 
     def distance(v):
@@ -506,11 +630,13 @@ def mean_around_median_source(n: int, k: int, dtype, width: int | None = None) -
     return loop.source(loop.branch(untied, within_finite_delta, in_worker_order))
 
 
-def window_mean_source(n: int, k: int, width: int | None = None) -> str:
+def window_mean_source(
+    n: int, k: int, width: int | None = None, keyed: bool | None = None
+) -> str:
     """`byzjax._numerics._window_mean` (float32, n <= 32, 2k >= n): NaN where a
     tie or a non-finite median leaves the window to the worker-order form."""
-    loop = _Loop(n, jnp.float32, width or native_width())
-    r = loop.network(partition_pairs(n, window_cuts(n, k)), range(n))
+    loop = _new_loop(n, jnp.float32, width, keyed)
+    r = loop.ranks(partition_pairs(n, window_cuts(n, k)), range(n), range(n))
     m = loop.median(r)
     zero = f"{loop.prefix}_setzero_ps()"
     ends, ties = [], loop.value(zero)
