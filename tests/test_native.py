@@ -652,20 +652,20 @@ def test_selection_loops_above_32_rows_give_the_xla_bits(n, d, b, dtype):
         np.testing.assert_array_equal(_bits(fn(x)), want, err_msg=name)
 
 
+@pytest.mark.parametrize("n", [25, 34])
 @pytest.mark.parametrize("width", [8, 16])
 @X_DTYPES
-def test_loops_on_order_keys_give_the_xla_bits(dtype, width):
-    # Above 32 rows the loops may run their networks on integer order keys
-    # (`keyed_exchanges`: AMD Zen 4), which put -0 below +0 where XLA's float32
-    # selects keep equal zeros in place: the steps with a zero among the ranks
-    # used run again by float exchanges. Both forms, on every CPU: columns of
-    # zeros of both signs (zero medians and trimming ends), and the special
-    # values of `_network_inputs`.
+def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
+    # The loops may run their networks on integer order keys (`keyed_exchanges`:
+    # AMD Zen 4), which put -0 below +0 where XLA's selects keep equal zeros in
+    # place: the steps with a zero among the ranks used run again by float
+    # exchanges. Both forms, on every CPU: columns of zeros of both signs (zero
+    # medians and trimming ends), and the special values of `_network_inputs`.
     from byzjax._native import networks
 
     if width not in _widths_here():
         pytest.skip(f"this CPU has no {width}-lane loops (AVX-512)")
-    n, d, b, k = 34, 999, 9, 20
+    d, b, k = 999, n // 4, n - 14
     x = np.array(_network_inputs(7, n, d, np.float32))
     rng = np.random.default_rng(8)
     x[:, :300] = rng.choice(np.float32([0.0, -0.0]), size=(n, 300))

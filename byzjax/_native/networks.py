@@ -131,17 +131,21 @@ def _amd_avx512(width: int) -> bool:
     return width == 16 and cpu_info().get("vendor_id") == "AuthenticAMD"
 
 
-def keyed_exchanges(n: int, width: int) -> bool:
-    """Whether the loops over n rows, `width` columns a step, compare-exchange on
-    order keys (`_Loop.ranks`) on this CPU. AMD Zen 4 runs two 16-lane integer min
-    or max a cycle against one float one (12 independent chains, `/tmp` program:
-    6.4e9 against 3.2e9 a second on one core). The median of 100 rows from L2
-    took 1,591 against 1,800-1,950 cycles per 16 columns; at (100, 1e6) float32,
-    alternated, the median 21.9 against 24.9 ms, the trimmed mean 26.0 against
-    30.4, mean around the median 35.5 against 37.7. At 25 rows it gained
-    nothing beyond noise (the median 3.6-4.0 against 3.8-4.0 ms at (25, 1e6)),
-    and the window mean lost (its check covers every wire)."""
-    return n > FULL_NETWORK_MAX_N and _amd_avx512(width)
+def keyed_exchanges(n: int, width: int, median: bool = False) -> bool:
+    """Whether the loops over n rows (the median's if `median`), `width` columns a
+    step, compare-exchange on order keys (`_Loop.ranks`) on this CPU.
+
+    AMD Zen 4 runs two 16-lane integer min or max a cycle against one float one
+    (12 independent chains, `/tmp` program: 6.4e9 against 3.2e9 a second on one
+    core). The median of 100 rows from L2 took 1,591 against 1,800-1,950 cycles
+    per 16 columns; at (100, 1e6) float32, alternated, the median 21.9 against
+    24.9 ms, the trimmed mean 26.0 against 30.4, mean around the median 35.5
+    against 37.7; bfloat16 (where the keys replace the range instruction) the
+    median 21.2 against 41.3 ms. At 25 rows the median gained a little (3.15
+    against 3.61 ms at (25, 1e6) bfloat16, 3.6-4.0 against 3.8-4.0 float32),
+    the trimmed mean nothing, and the window mean lost (its check covers every
+    wire)."""
+    return (median or n > FULL_NETWORK_MAX_N) and _amd_avx512(width)
 
 
 def _blocked(n: int, width: int) -> bool:
@@ -476,11 +480,13 @@ constexpr int64_t kWidth = {self.width};  // columns a step
 """
 
 
-def _new_loop(n: int, dtype, width: int | None, keyed: bool | None) -> _Loop:
+def _new_loop(
+    n: int, dtype, width: int | None, keyed: bool | None, median: bool = False
+) -> _Loop:
     """A loop of `width` columns a step, this CPU's `native_width()` unless given;
-    on order keys where `keyed`, this CPU's `keyed_exchanges(n)` unless given."""
+    on order keys where `keyed`, this CPU's `keyed_exchanges` unless given."""
     width = width or native_width()
-    keyed = keyed_exchanges(n, width) if keyed is None else keyed
+    keyed = keyed_exchanges(n, width, median) if keyed is None else keyed
     return _Loop(n, dtype, width, keyed)
 
 
@@ -489,7 +495,7 @@ def median_source(
 ) -> str:
     """`byzjax._numerics.coordinate_median` (n <= `NETWORK_MAX_N`); `width` and
     `keyed` as `_new_loop` takes them."""
-    loop = _new_loop(n, dtype, width, keyed)
+    loop = _new_loop(n, dtype, width, keyed, median=True)
     ranks = middle_ranks(n)
     r = loop.ranks(batcher_pairs(n), ranks, ranks, ordered=_ordered(n, dtype))
     return loop.source(loop.median(r))
