@@ -356,12 +356,13 @@ class _Loop:
         zeros = [self.compare(r[i], zero, "_CMP_EQ_OQ") for i in checked]
         while len(zeros) > 1:
             zeros = [self.either(*zeros[:2]), *zeros[2:]]
-        live = [i for i in range(self.n) if r[i] is not None]
-        kept = self.rewire(
-            self.any_of(zeros[0]),
-            [r[i] for i in live],
-            lambda: [v for v in self.network(pairs, needed) if v is not None],
-        )
+        live = sorted(needed)
+
+        def by_floats():
+            wires = self.network(pairs, needed)
+            return [wires[i] for i in live]
+
+        kept = self.rewire(self.any_of(zeros[0]), [r[i] for i in live], by_floats)
         out = list(r)
         for i, name in zip(live, kept, strict=True):
             out[i] = name
