@@ -38,6 +38,9 @@ MIN_READS = {"centered_clipping": 2, "geometric_median": 4}
 # multiply-adds, then one read for the last sum.
 FMA_PER_S = {
     "AMD EPYC (family 25 model 1, AVX2)": 9.1e9,
+    # Zen 4: 6.4e9 8-lane FMAs a second on each core, both at once (one 16-lane
+    # one a cycle, or two 8-lane ones).
+    "AMD EPYC (family 25 model 17, AVX-512)": 1.28e10,
     "Intel(R) Xeon(R) Processor (family 6 model 207, AVX-512)": 2.05e10,
 }
 
