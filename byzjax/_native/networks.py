@@ -5,8 +5,9 @@ Above 32 rows, at (100, 1e6) float32: on the 2-core Xeon with AVX-512 the
 median took 27-30 ms against XLA's 71 (the floor 18-20); on the 2-core AMD Zen 3
 with AVX2 66 against 128 ms (the floor 18.6), mean around the median 109 against
 335 ms; on the 2-core AMD Zen 4 with AVX-512, on order keys (`keyed_exchanges`),
-21 against 56 ms (the floor 15-16). A selection, so its bits are XLA's whatever the order of its sums; the
-trimmed mean's loop is XLA's clip form there (`trimmed_mean_source`).
+21 against 56 ms (the floor 15-16). A selection, so its bits are XLA's whatever
+the order of its sums; the trimmed mean's loop is XLA's clip form there
+(`trimmed_mean_source`).
 
 XLA fuses a sorting network over the rows into one loop that LLVM compiles well
 (the median of 25 rows: 202 min/max, 80 spills and 74 reloads per 8 columns,
