@@ -628,7 +628,8 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
 def test_selection_loops_above_32_rows_give_the_xla_bits(n, d, b, dtype):
     # The median, trimmed mean and mean around the median run as loops up to 128
     # rows (bfloat16 networks by XLA's min/max there: AVX-512's range
-    # instruction, AVX2's integer min and max on order keys). Column blocks of
+    # instruction, or integer min and max on order keys: with AVX2, and on AMD's
+    # AVX-512, where float32's networks take the keys too). Column blocks of
     # 256 (65 and 100 rows), a part block, a tail, the threaded split (100 rows).
     x = _network_inputs(n * 1000 + d, n, d, dtype)
     # One trimming each (each loop and XLA form takes seconds to compile): the

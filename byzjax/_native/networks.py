@@ -128,8 +128,7 @@ def native_width() -> int:
 def _amd_avx512(width: int) -> bool:
     """Whether these are AVX-512 loops on an AMD CPU (Zen 4, family 25 model 17,
     the project's 2-core VM of session 15): there the loops run on order keys
-    above 32 rows (`keyed_exchanges`) and over column blocks at every n
-    (`_blocked`)."""
+    (`keyed_exchanges`) and over column blocks at every n (`_blocked`)."""
     return width == 16 and cpu_info().get("vendor_id") == "AuthenticAMD"
 
 
@@ -522,8 +521,8 @@ def trimmed_mean_source(
         middle = range(b, n - b)
         r = loop.ranks(partition_pairs(n, (b, n - b)), middle, middle)
         return loop.source(loop.mean(loop.sum_tree([r[i] for i in middle]), n - 2 * b))
-    ends = (b, n - b - 1)
-    r = loop.ranks(batcher_pairs(n), ends, ends, ordered=_ordered(n, dtype))
+    cuts = (b, n - b - 1)
+    r = loop.ranks(batcher_pairs(n), cuts, cuts, ordered=_ordered(n, dtype))
     lo, hi = r[b], r[n - b - 1]
     total = loop.sum_tree([loop.clip(loop.load(i), lo, hi) for i in range(n)])
     ends = loop.op(
