@@ -843,10 +843,10 @@ def test_network_loops_fall_back_to_xla_when_they_cannot_build(tmp_path, monkeyp
 
 
 def test_avx2_forms_where_the_cpu_has_avx512(tmp_path):
-    # The suite's machines have had AVX2 only (AMD Zen 3) and AVX-512 (Intel Xeon).
-    # On the latter the kernels build their AVX-512 forms, so the AVX2 ones are
-    # built here too (a cache of their own) and run through the kernels' oracle
-    # tests in a child process; the network loops test both widths above.
+    # The suite's machines have had AVX2 only (AMD Zen 3) and AVX-512 (Intel Xeon,
+    # AMD Zen 4). On the latter the kernels build their AVX-512 forms, so the AVX2
+    # ones are built here too (a cache of their own) and run through the kernels'
+    # oracle tests in a child process; the network loops test both widths above.
     from byzjax._native import networks
 
     if networks.native_width() != 16:
