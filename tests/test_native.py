@@ -660,8 +660,9 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
     # The loops may run their networks on integer order keys (`keyed_exchanges`:
     # AMD Zen 4), which put -0 below +0 where XLA's selects keep equal zeros in
     # place: the steps with a zero among the ranks used run again by float
-    # exchanges. Both forms, on every CPU: columns of zeros of both signs (zero
-    # medians and trimming ends), and the special values of `_network_inputs`.
+    # exchanges where the column holds a -0. Both forms, on every CPU: columns of
+    # zeros of both signs or of one (zero medians and trimming ends), and the
+    # special values of `_network_inputs`.
     from byzjax._native import networks
 
     if width not in _widths_here():
@@ -673,6 +674,9 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
     # Zeros at the top end of the trimming only, then at its bottom end only.
     x[:, 300:400] = rng.choice(np.float32([0.0, -0.0, -1.0, -1.0]), size=(n, 100))
     x[:, 400:500] = rng.choice(np.float32([0.0, -0.0, 1.0, 1.0]), size=(n, 100))
+    # Zeros of one sign alone: the keys' zeros stand (no -0), or are remade.
+    x[:, 500:540] = 0.0
+    x[:, 540:580] = -0.0
     x = jnp.asarray(x).astype(dtype)
     cases = {
         "median": (networks.median_source, nm.coordinate_median),

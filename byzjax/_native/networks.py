@@ -281,21 +281,34 @@ class _Loop:
             return f"_mm256_movemask_ps({mask}) != 0"
         return f"{mask} != 0"
 
-    def rewire(self, condition: str, values: list[str], make) -> list[str]:
-        """`values`, or where the (rarely true) `condition` holds, `make()`'s, made
-        in a function of their own: in the loop's body, GCC's register allocation
-        of the common path suffered from the rare one (the median of 100 rows on
+    def rewire(self, zeros: str, values: list[str], make) -> list[str]:
+        """`values`, or `make()`'s where a column marked in `zeros` (a mask)
+        holds a -0: those made in a function of their own, called only where
+        `zeros` marks a column. In the loop's body, GCC's register allocation of
+        the common path suffered from the rare one (the median of 100 rows on
         order keys, from L2 on AMD Zen 4: 1,774 cycles per 16 columns against
         1,581 without the rare path)."""
         saved, self.lines = self.lines, []
+        # A zero rank is the same zero either way unless its column holds both
+        # signs of zero: where it holds no -0, the keys' values stand (columns of
+        # +0 alone: the median of 100 rows at (100, 1e6) with half its columns
+        # zero took 32.4 ms remade by float exchanges, 27.5 by them alone).
+        negative = None
+        for i in range(self.n):
+            bits = self.raw(i)
+            found = self.compare_bits(bits, "(int)0x80000000")
+            negative = found if negative is None else self.either(negative, found)
+        remake = self.any_of(self.both(negative, "zeros"))
+        self.lines.append(f"if (!({remake})) return false;")
         made = make()
         body, self.lines = self.lines, saved
         helper = f"byzjax_rare{len(self.helpers)}"
         outs = [f"out[{j}] = {v};" for j, v in enumerate(made)]
         self.helpers.append(
-            f'__attribute__((noinline, cold, optimize("O1"))) static void {helper}(\n'
-            f"    const void* const* rows, int64_t k, {self.vector}* out) {{\n  "
-            + "\n  ".join([self._inf(), *body, *outs])
+            f'__attribute__((noinline, cold, optimize("O1"))) static bool {helper}(\n'
+            f"    const void* const* rows, int64_t k, {self._mask_type()} zeros,\n"
+            f"    {self.vector}* out) {{\n  "
+            + "\n  ".join([self._inf(), *body, *outs, "return true;"])
             + "\n}\n"
         )
         names = []
@@ -303,12 +316,24 @@ class _Loop:
             names.append(f"v{self.count}")
             self.count += 1
             self.lines.append(f"{self.vector} {names[-1]} = {v};")
-        self.lines.append(f"if (__builtin_expect({condition}, 0)) {{")
+        self.lines.append(f"if (__builtin_expect({self.any_of(zeros)}, 0)) {{")
         self.lines.append(f"{self.vector} made[{len(names)}];")
-        self.lines.append(f"{helper}(rows, k, made);")
+        self.lines.append(f"if ({helper}(rows, k, {zeros}, made)) {{")
         self.lines += [f"{name} = made[{j}];" for j, name in enumerate(names)]
         self.lines.append("}")
+        self.lines.append("}")
         return names
+
+    def compare_bits(self, a: str, bits: str) -> str:
+        """The lanes of a whose 32 bits are `bits`, as `compare` gives them."""
+        p, si = self.prefix, f"si{self.width * 32}"
+        pair = f"{p}_castps_{si}({a}), {p}_set1_epi32({bits})"
+        if self.width == 8:
+            return self.value(f"_mm256_castsi256_ps(_mm256_cmpeq_epi32({pair}))")
+        return self.value(f"_mm512_cmpeq_epi32_mask({pair})", "__mmask16")
+
+    def _mask_type(self) -> str:
+        return "__mmask16" if self.width == 16 else self.vector
 
     def _inf(self) -> str:
         return f"const {self.vector} inf = {self.prefix}_set1_ps(__builtin_inff());"
@@ -347,9 +372,9 @@ class _Loop:
         Keys put -0 below +0, as XLA's min/max do (`ordered`), where its selects
         keep equal zeros in their wires' order. Every other value is the same
         either way (a wire holds its rank's value; NaN is +Inf by then). So for
-        the selects' bits, where one of the `checked` wires is a zero in some
-        column, the step's wires are made again by float exchanges (a rare
-        branch: columns whose order statistics are zeros)."""
+        the selects' bits, where one of the `checked` wires is a zero in a
+        column that holds a -0, the step's wires are made again by float
+        exchanges (`rewire`)."""
         if ordered or not self.keyed:
             return self.network(pairs, needed, ordered=ordered, keyed=self.keyed)
         r = self.network(pairs, needed, keyed=True)
@@ -363,7 +388,7 @@ class _Loop:
             wires = self.network(pairs, needed)
             return [wires[i] for i in live]
 
-        kept = self.rewire(self.any_of(zeros[0]), [r[i] for i in live], by_floats)
+        kept = self.rewire(zeros[0], [r[i] for i in live], by_floats)
         out = list(r)
         for i, name in zip(live, kept, strict=True):
             out[i] = name
