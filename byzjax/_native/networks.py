@@ -664,13 +664,12 @@ def mean_around_median_source(
     return loop.source(loop.branch(untied, within_finite_delta, in_worker_order))
 
 
-def window_mean_source(
-    n: int, k: int, width: int | None = None, keyed: bool | None = None
-) -> str:
+def window_mean_source(n: int, k: int, width: int | None = None) -> str:
     """`byzjax._numerics._window_mean` (float32, n <= 32, 2k >= n): NaN where a
-    tie or a non-finite median leaves the window to the worker-order form."""
-    loop = _new_loop(n, jnp.float32, width, keyed)
-    r = loop.ranks(partition_pairs(n, window_cuts(n, k)), range(n), range(n))
+    tie or a non-finite median leaves the window to the worker-order form. By
+    float exchanges everywhere (`keyed_exchanges`: on keys it lost)."""
+    loop = _Loop(n, jnp.float32, width or native_width())
+    r = loop.network(partition_pairs(n, window_cuts(n, k)), range(n))
     m = loop.median(r)
     zero = f"{loop.prefix}_setzero_ps()"
     ends, ties = [], loop.value(zero)
