@@ -291,6 +291,8 @@ def test_centered_clipping_carries_its_centre():
         ("median", ["arc"]),
         ("multi_krum", [("bucketing", {"s": 2, "shuffle": False})]),
         ("trimmed_mean", [("clipping", {"tau": 2.0}), "nnm"]),
+        ("mean", ["arc"]),
+        ("mean", ["nnm", ("clipping", {"tau": 2.0})]),
     ],
     ids=str,
 )

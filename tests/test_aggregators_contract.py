@@ -297,6 +297,64 @@ def test_chain_runs_the_rules_fused_update():
     assert bool(jnp.all(alone.update(x, (), ())[0] == 0.0))
     out = chained.update(x, chained.init(x), chained.default_params)[0]
     assert bool(jnp.all(out == 1.0))
+    # A rule with a weighted form gets a scaling stage's factors instead of its
+    # rows; after a stage without factors, the rows as before.
+    weighted = rule._replace(
+        weighted_update=lambda x, s, keep, state, params: (
+            jnp.full(x.shape[1], 2.0, x.dtype),
+            state,
+        )
+    )
+    for pres, want in [(["clipping"], 2.0), (["arc"], 2.0), (["clipping", "nnm"], 1.0)]:
+        built = [aggregators.get_pre(p)(1, **PRE[p]["params"]) for p in pres]
+        chained = aggregators.chain(built, weighted)
+        out = chained.update(x, chained.init(x), chained.default_params)[0]
+        assert bool(jnp.all(out == want)), pres
+
+
+SCALING_PRE = sorted(
+    n for n in PRE if aggregators.get_pre(n)(2, **PRE[n]["params"]).row_scales
+)
+
+
+def test_scaling_pre_aggregators_are_known():
+    # The clipping stages scale rows; a stage that mixes them must not claim it.
+    assert SCALING_PRE == ["arc", "clipping"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: jnp.dtype(t).name)
+@pytest.mark.parametrize("name", SCALING_PRE)
+def test_row_scales_are_the_rows_and_the_mean_after_them_their_mean(name, dtype):
+    # y_i = s_i x_i where keep_i, else 0, on clean and broken rows; the mean after
+    # the stage (its weighted form: one weighted sum of x) is the mean of y,
+    # against float64 on the stage's own rows.
+    n, f = 9, 2
+    pre = aggregators.get_pre(name)(f, **PRE[name]["params"])
+    chained = aggregators.build("mean", f=f, pre=[(name, PRE[name]["params"])])
+    rows = jax.jit(lambda x: pre.wide_update(x, (), pre.default_params)[0])
+    scales = jax.jit(lambda x: pre.row_scales(x, (), pre.default_params)[0])
+    mean = jax.jit(
+        lambda x: chained.update(x, chained.init(x), chained.default_params)[0]
+    )
+    rng = np.random.default_rng(4)
+    x = _x(n, dtype)
+    cases = {"clean": x}
+    for label, value in NON_FINITE.items():
+        cases[label] = x.at[rng.choice(n, size=f, replace=False)].set(value)
+    tol = 2e-5 if dtype == jnp.float32 else 1e-2
+    for label, xb in cases.items():
+        y = np.asarray(rows(xb), np.float64)
+        s, keep = (np.asarray(a) for a in scales(xb))
+        assert keep.dtype == bool and s.shape == keep.shape == (n,)
+        x64 = np.asarray(xb.astype(jnp.float32), np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            want = np.where(keep[:, None], s[:, None] * x64, 0.0)
+        np.testing.assert_allclose(y, want, rtol=1e-6, atol=0, err_msg=label)
+        out = mean(xb)
+        assert out.dtype == dtype and bool(jnp.all(jnp.isfinite(out))), label
+        np.testing.assert_allclose(
+            np.asarray(out, np.float64), y.mean(0), rtol=tol, atol=tol, err_msg=label
+        )
 
 
 def _precondition_pattern(name, n, f, inequality):

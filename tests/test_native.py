@@ -113,6 +113,12 @@ def test_row_kernel_matches_numpy(n, d, bad, dtype):
         want = ((_wide(x) - v) ** 2).sum(-1).astype(np.float32)
     want = np.where(np.isnan(want), np.inf, want)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The norms: the same sums without v.
+    norms = _kernel_or_rule(nm.sq_norms, _native.row_sq_norms, dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = (_wide(x) ** 2).sum(-1).astype(np.float32)
+    want = np.where(np.isnan(want), np.inf, want)
+    np.testing.assert_allclose(np.asarray(norms(x)), want, rtol=1e-5, atol=1e-5)
 
 
 @X_DTYPES
@@ -123,7 +129,9 @@ def test_kernels_vmap_over_leading_axes(dtype):
     x64 = _wide(x)
     pw = jax.jit(jax.vmap(jax.vmap(_native.pairwise_sq_dists)))(x)
     rs = jax.jit(jax.vmap(jax.vmap(_native.row_sq_dists)))(x, v)
-    assert pw.dtype == rs.dtype == jnp.float32
+    sq = jax.jit(jax.vmap(jax.vmap(_native.row_sq_norms)))(x)
+    assert pw.dtype == rs.dtype == sq.dtype == jnp.float32
+    np.testing.assert_allclose(sq, (x64**2).sum(-1), rtol=1e-5)
     # An unbatched v is broadcast to the batch (vmap_method="broadcast_all").
     shared = jax.vmap(_native.row_sq_dists, in_axes=(0, None))
     rs_shared = jax.jit(shared)(x[0], v[0, 0])
@@ -469,6 +477,7 @@ def test_bfloat16_kernels_differentiate_like_float32_on_the_widened_input():
     cases = [
         (_native.pairwise_sq_dists, (), ()),
         (_native.row_sq_dists, (v,), (s,)),
+        (_native.row_sq_norms, (), ()),
         (_native.step_sq_dists, (z, w), (dz, dw)),
         (lambda x, z, w: _native.step_sq_dists(x, z, w, False), (z, w), (dz, dw)),
     ]
@@ -527,6 +536,7 @@ def test_bfloat16_kernels_make_no_float32_copy():
     calls = {
         "pairwise": _native.pairwise_sq_dists,
         "row": lambda x: _native.row_sq_dists(x, jnp.zeros(d, jnp.float32)),
+        "norms": _native.row_sq_norms,
         "step": lambda x: _native.step_sq_dists(
             x, jnp.zeros(d, jnp.float32), jnp.full(n, 1.0 / n, jnp.float32)
         ),

@@ -54,10 +54,12 @@ _SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
 _TARGETS = {
     "byzjax_pairwise_sq_dists": "ByzjaxPairwiseSqDists",
     "byzjax_row_sq_dists": "ByzjaxRowSqDists",
+    "byzjax_row_sq_norms": "ByzjaxRowSqNorms",
     "byzjax_step_sq_dists": "ByzjaxStepSqDists",
     "byzjax_gram": "ByzjaxGram",
     "byzjax_pairwise_sq_dists_bf16": "ByzjaxPairwiseSqDistsBf16",
     "byzjax_row_sq_dists_bf16": "ByzjaxRowSqDistsBf16",
+    "byzjax_row_sq_norms_bf16": "ByzjaxRowSqNormsBf16",
     "byzjax_step_sq_dists_bf16": "ByzjaxStepSqDistsBf16",
     "byzjax_gram_bf16": "ByzjaxGramBf16",
     "byzjax_bf16_rows": "ByzjaxBf16Rows",
@@ -156,6 +158,28 @@ def _row_jvp(primals, tangents):
         "...nd,...d->...n", diff, s, precision=hi
     )
     return out, 2.0 * dr
+
+
+@jax.custom_jvp
+def row_sq_norms(x: jax.Array) -> jax.Array:
+    """r_i = sum_k x_ik^2 of a (..., n, d) float32 or bfloat16 array, in float32:
+    `row_sq_dists` without v, one read of x."""
+    target = _distance_target("row_sq_norms", x)
+    out = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
+    return jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")(x)
+
+
+@row_sq_norms.defjvp
+def _norms_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    finite = _finite(x.astype(jnp.float32))
+    dr = jnp.einsum(
+        "...nd,...nd->...n",
+        finite,
+        t.astype(jnp.float32),
+        precision=lax.Precision.HIGHEST,
+    )
+    return row_sq_norms(x), 2.0 * dr
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))

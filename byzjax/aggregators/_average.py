@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from byzjax import _native
 from byzjax._checks import static_int
-from byzjax._numerics import compute_dtype, row_mean
+from byzjax._numerics import compute_dtype, row_mean, weighted_row_sum
 from byzjax.aggregators._base import Aggregator, stateless
 
 # Above this many float32 rows, XLA's fused row sum is slower than one read.
@@ -54,7 +54,12 @@ def mean(f: int = 0) -> Aggregator:
         # written out for a product, under glibc's default malloc).
         return average(x, (jnp.bfloat16,))
 
-    return stateless(fn, promote=False, fused_fn=fused_fn)
+    def weighted_fn(x, s, keep, params):
+        # The mean of the rows s_i x_i (keep_i): one weighted sum of the stored
+        # rows, no scaled copy (see `PreAggregator.row_scales`).
+        return weighted_row_sum(s / x.shape[0], x, keep)
+
+    return stateless(fn, promote=False, fused_fn=fused_fn, weighted_fn=weighted_fn)
 
 
 RULES = {"mean": mean}

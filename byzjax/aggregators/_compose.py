@@ -24,11 +24,14 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
     computation instead of from memory. Between stages the rows stay in
     `compute_dtype` (`wide_update`); the aggregate is returned in the input dtype.
     A rule that reads its rows from memory (`Aggregator.stored`) gets them written
-    out once (`write_rows`).
+    out once (`write_rows`). A last stage that scales rows (`row_scales`: static
+    clipping, ARC) before a rule linear in them (`weighted_update`: the mean)
+    hands over its factors instead of the scaled rows.
     """
     pres = tuple(pres)
     if not pres:
         return rule
+    scaled = pres[-1].row_scales is not None and rule.weighted_update is not None
 
     def init(grads):
         states = []
@@ -42,12 +45,21 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
         pre_states, rule_state = state
         new_states = []
         x = grads
-        for pre, s, p in zip(pres, pre_states, params["pre"], strict=True):
+        stages = list(zip(pres, pre_states, params["pre"], strict=True))
+        for pre, s, p in stages[:-1] if scaled else stages:
             x, s = (pre.wide_update or pre.update)(x, s, p)
             new_states.append(s)
-        if rule.stored and not pres[-1].one_array:
-            x = write_rows(x)
-        out, rule_state = rule.computed_update(x, rule_state, params["rule"])
+        if scaled:
+            pre, s, p = stages[-1]
+            (factors, keep), s = pre.row_scales(x, s, p)
+            new_states.append(s)
+            out, rule_state = rule.weighted_update(
+                x, factors, keep, rule_state, params["rule"]
+            )
+        else:
+            if rule.stored and not pres[-1].one_array:
+                x = write_rows(x)
+            out, rule_state = rule.computed_update(x, rule_state, params["rule"])
         return out.astype(grads.dtype), (tuple(new_states), rule_state)
 
     default_params = {

@@ -34,7 +34,7 @@ from byzjax._numerics import (
     taken_rows,
 )
 from byzjax.aggregators._base import PreAggregator, narrowed, stateless_pre
-from byzjax.aggregators._clipping import _required_tau, clip_rows
+from byzjax.aggregators._clipping import _required_tau, clip_factors, clip_rows
 
 
 def nnm(f: int = 0) -> PreAggregator:
@@ -178,10 +178,11 @@ def clipping(f: int = 0, *, tau: float | None = None) -> PreAggregator:
     static_int(f, "clipping", "f")
     tau = _required_tau("clipping", tau)
 
-    def fn(x, params):
-        return clip_rows(x, jnp.asarray(params["tau"], compute_dtype(x.dtype)))
+    def radius(x, params):
+        r = norms(x)
+        return r, jnp.asarray(params["tau"], r.dtype)
 
-    return stateless_pre(fn, {"tau": tau})
+    return _scaling_pre(radius, {"tau": tau})
 
 
 def arc_count(n: int, f: int) -> int:
@@ -212,18 +213,36 @@ def arc(f: int = 0) -> PreAggregator:
     """
     f = static_int(f, "arc", "f")
 
-    def fn(x, params):
+    def radius(x, params):
         n = x.shape[0]
         require(n >= 2 * f + 1, "arc", "n >= 2f + 1", n=n, f=f)
         k = arc_count(n, f)
         if k == 0:
-            return promote(x)
+            return None
         r = norms(x)
         largest, order = lax.top_k(r, k + 1)
-        radius = jnp.full(n, jnp.inf, r.dtype).at[order[:k]].set(largest[k])
-        return clip_rows(x, radius, r)
+        return r, jnp.full(n, jnp.inf, r.dtype).at[order[:k]].set(largest[k])
 
-    return stateless_pre(fn)
+    return _scaling_pre(radius)
+
+
+def _scaling_pre(radius, default_params=()) -> PreAggregator:
+    """The pre-aggregator clipping each row x_i to its radius_i, where
+    `radius(x, params) -> (norms, radii)`, or None for the identity; its
+    `row_scales` are the clip factors."""
+
+    def fn(x, params):
+        got = radius(x, params)
+        return promote(x) if got is None else clip_rows(x, got[1], got[0])
+
+    def scales_fn(x, params):
+        got = radius(x, params)
+        if got is None:
+            return jnp.ones(x.shape[0], jnp.float32), jnp.ones(x.shape[0], bool)
+        scale, broken = clip_factors(*got)
+        return scale, ~broken
+
+    return stateless_pre(fn, default_params, scales_fn=scales_fn)
 
 
 PRE = {"nnm": nnm, "bucketing": bucketing, "clipping": clipping, "arc": arc}
