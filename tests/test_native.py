@@ -145,6 +145,60 @@ def test_kernels_vmap_over_leading_axes(dtype):
         np.testing.assert_allclose(rs_shared[b], want, rtol=1e-5)
 
 
+def _want_moments(x64):
+    # Two passes in float64: the mean, then the squared deviations from it.
+    with np.errstate(invalid="ignore", over="ignore"):
+        mu = x64.mean(0)
+        return mu.astype(np.float32), ((x64 - mu) ** 2).sum(0).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "n,d", [(1, 5), (3, 7), (4, 23), (13, 2053), (76, 3001), (20, 250_003)]
+)
+@pytest.mark.parametrize("bad", [False, True], ids=["finite", "specials"])
+@X_DTYPES
+def test_moments_kernel_matches_numpy(n, d, bad, dtype):
+    # (20, 250003): two threads, many column blocks, a 3-column tail; (4, 23) the
+    # 16- and 8-wide paths and a 7-column tail. Columns sit near 1e3 with spread 1:
+    # a one-pass sum of squares minus n mu^2 loses every digit of m2 there.
+    rng = np.random.default_rng(n * d)
+    x = (rng.normal(size=(n, d)) + 1e3 * (1.0 + rng.random(d))).astype(np.float32)
+    if bad:  # at most one special per column: the sum of the others stays finite
+        cols = rng.random(d) < 0.3
+        x[rng.integers(0, n, cols.sum()), np.flatnonzero(cols)] = rng.choice(
+            BAD, cols.sum()
+        )
+    x = x.astype(dtype)
+    mu, m2 = _jit(_native.row_moments)(x)
+    assert mu.dtype == m2.dtype == jnp.float32 and mu.shape == m2.shape == (d,)
+    want_mu, want_m2 = _want_moments(_wide(x))
+    np.testing.assert_allclose(mu, want_mu, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(m2, want_m2, rtol=2e-5, atol=1e-4, equal_nan=True)
+
+
+def test_moments_kernel_vmaps_and_differentiates():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 3, 6, 41)).astype(np.float32)
+    mu, m2 = jax.jit(jax.vmap(jax.vmap(_native.row_moments)))(x)
+    for a in range(2):
+        for b in range(3):
+            want_mu, want_m2 = _want_moments(x[a, b].astype(np.float64))
+            np.testing.assert_allclose(mu[a, b], want_mu, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(m2[a, b], want_m2, rtol=1e-5)
+    # The JVP against a central difference of the float64 two-pass moments.
+    x, t = x[0, 0], rng.normal(size=(6, 41)).astype(np.float32)
+    _, (dmu, dm2) = jax.jit(lambda x, t: jax.jvp(_native.row_moments, (x,), (t,)))(x, t)
+    h, x64 = 1e-6, x.astype(np.float64)
+
+    def moments64(y):
+        mu = y.mean(0)
+        return mu, ((y - mu) ** 2).sum(0)
+
+    up, down = moments64(x64 + h * t), moments64(x64 - h * t)
+    np.testing.assert_allclose(dmu, (up[0] - down[0]) / (2 * h), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dm2, (up[1] - down[1]) / (2 * h), rtol=1e-4, atol=1e-4)
+
+
 def test_kernel_beats_the_gram_matrix_on_cancellation():
     # Rows 1e3 apart on a common offset of 1e4 per coordinate: the uncentred Gram
     # matrix loses every digit in float32, differences do not.
@@ -478,6 +532,7 @@ def test_bfloat16_kernels_differentiate_like_float32_on_the_widened_input():
         (_native.pairwise_sq_dists, (), ()),
         (_native.row_sq_dists, (v,), (s,)),
         (_native.row_sq_norms, (), ()),
+        (_native.row_moments, (), ()),
         (_native.step_sq_dists, (z, w), (dz, dw)),
         (lambda x, z, w: _native.step_sq_dists(x, z, w, False), (z, w), (dz, dw)),
     ]
@@ -537,6 +592,7 @@ def test_bfloat16_kernels_make_no_float32_copy():
         "pairwise": _native.pairwise_sq_dists,
         "row": lambda x: _native.row_sq_dists(x, jnp.zeros(d, jnp.float32)),
         "norms": _native.row_sq_norms,
+        "moments": _native.row_moments,
         "step": lambda x: _native.step_sq_dists(
             x, jnp.zeros(d, jnp.float32), jnp.full(n, 1.0 / n, jnp.float32)
         ),

@@ -55,11 +55,13 @@ _TARGETS = {
     "byzjax_pairwise_sq_dists": "ByzjaxPairwiseSqDists",
     "byzjax_row_sq_dists": "ByzjaxRowSqDists",
     "byzjax_row_sq_norms": "ByzjaxRowSqNorms",
+    "byzjax_row_moments": "ByzjaxRowMoments",
     "byzjax_step_sq_dists": "ByzjaxStepSqDists",
     "byzjax_gram": "ByzjaxGram",
     "byzjax_pairwise_sq_dists_bf16": "ByzjaxPairwiseSqDistsBf16",
     "byzjax_row_sq_dists_bf16": "ByzjaxRowSqDistsBf16",
     "byzjax_row_sq_norms_bf16": "ByzjaxRowSqNormsBf16",
+    "byzjax_row_moments_bf16": "ByzjaxRowMomentsBf16",
     "byzjax_step_sq_dists_bf16": "ByzjaxStepSqDistsBf16",
     "byzjax_gram_bf16": "ByzjaxGramBf16",
     "byzjax_bf16_rows": "ByzjaxBf16Rows",
@@ -180,6 +182,29 @@ def _norms_jvp(primals, tangents):
         precision=lax.Precision.HIGHEST,
     )
     return row_sq_norms(x), 2.0 * dr
+
+
+@jax.custom_jvp
+def row_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The column means of a (..., n, d) float32 or bfloat16 array and the sums of
+    squared deviations from them, sum_i (x_ik - mu_k)^2, both (..., d) float32, in
+    one read of x. Returns (mu, m2)."""
+    target = _distance_target("row_moments", x)
+    shape = jax.ShapeDtypeStruct(x.shape[:-2] + x.shape[-1:], jnp.float32)
+    call = jax.ffi.ffi_call(target, (shape, shape), vmap_method="broadcast_all")
+    return tuple(call(x))
+
+
+@row_moments.defjvp
+def _moments_jvp(primals, tangents):
+    # dmu = mean_i dx_i, dm2 = 2 sum_i (x_i - mu)(dx_i - dmu).
+    (x,), (t,) = primals, tangents
+    mu, m2 = row_moments(x)
+    t = t.astype(jnp.float32)
+    dmu = jnp.mean(t, axis=-2)
+    dev = x.astype(jnp.float32) - mu[..., None, :]
+    dm2 = 2.0 * jnp.sum(dev * (t - dmu[..., None, :]), axis=-2)
+    return (mu, m2), (dmu, dm2)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))

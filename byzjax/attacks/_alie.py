@@ -15,8 +15,9 @@ from statistics import NormalDist
 import jax
 import jax.numpy as jnp
 
+from byzjax import _native
 from byzjax._checks import require, static_int
-from byzjax._numerics import dot_mean, map_rows_sum
+from byzjax._numerics import dot_mean, kernel_rows, map_rows_sum
 from byzjax.attacks._base import Attack
 from byzjax.attacks._simple import choice, make_attack
 
@@ -59,10 +60,17 @@ def z_max(n: int, f: int, form: str = "paper") -> float:
 
 
 def mean_std(x: jax.Array, ddof: int) -> tuple[jax.Array, jax.Array]:
-    """Coordinate-wise mean and standard deviation over the worker axis."""
-    mu = dot_mean(x)
-    var = map_rows_sum(lambda r: jnp.square(r - mu), x) / (x.shape[0] - ddof)
-    return mu, jnp.sqrt(var)
+    """Coordinate-wise mean and standard deviation over the worker axis.
+
+    Through the moments kernel where it can (one read of x, float32 sums); else
+    the mean as a product and the deviations as XLA's fused sum (two reads or
+    more)."""
+    if kernel_rows(x):
+        mu, m2 = _native.row_moments(x)
+    else:
+        mu = dot_mean(x)
+        m2 = map_rows_sum(lambda r: jnp.square(r - mu), x)
+    return mu, jnp.sqrt(m2 / (x.shape[0] - ddof))
 
 
 def alie_vector(x: jax.Array, z, ddof: int) -> jax.Array:
