@@ -406,9 +406,13 @@ def test_geometric_median_routes_differentiate_alike(preset):
     weights = {}
     for route in ("gram", "direct"):
         agg = aggregators.build("geometric_median", f=2, preset=preset, route=route)
-        weights[route] = diagnostics.aggregate_with_influence(
-            agg.update, x, agg.init(x), agg.default_params
-        )[2]
+        # Jitted, as in the simulator (run op by op, it took 11.7 s against 4 s).
+        influence = jax.jit(
+            lambda x, a=agg: diagnostics.aggregate_with_influence(
+                a.update, x, a.init(x), a.default_params
+            )[2]
+        )
+        weights[route] = influence(x)
     np.testing.assert_allclose(weights["gram"], weights["direct"], rtol=1e-4, atol=1e-6)
     if preset == "byzjax":  # the median start keeps it translation equivariant
         np.testing.assert_allclose(float(weights["gram"].sum()), 1.0, rtol=1e-4)

@@ -228,7 +228,9 @@ def test_influence_weights_sum_to_one_for_translation_equivariant_rules(name):
     # the simulator's influence weights (a VJP of 1/d) sum to 1.
     x = jnp.asarray(np.random.default_rng(3).normal(size=(11, 40)), jnp.float32)
     agg = aggregators.build(name, f=2, **ALL[name])
-    weights = diagnostics.aggregate_with_influence(
-        agg.update, x, agg.init(x), agg.default_params
-    )[2]
+    weights = jax.jit(  # as in the simulator: one compilation, not op by op
+        lambda x: diagnostics.aggregate_with_influence(
+            agg.update, x, agg.init(x), agg.default_params
+        )[2]
+    )(x)
     np.testing.assert_allclose(float(weights.sum()), 1.0, rtol=1e-4)
