@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from byzjax import aggregators, sim
-from byzjax.sim import Config, ConfigError
+from byzjax.sim import Config, ConfigError, loop
 
 # A small, fast setting: 1,600 synthetic 20-d examples, a 20-100-10 MLP.
 SMALL = Config(
@@ -57,11 +57,21 @@ def test_uneven_steps_still_one_compilation():
 
 
 def test_same_seed_same_metrics_other_seed_differs():
+    # Again from the program compiled for the first run, from a fresh
+    # compilation of it, and with another seed (the same program: the seed is an
+    # argument).
     cfg = small(aggregator="median", attack="alie", placement="random", steps=20)
-    a = sim.run(cfg, progress=False, write=False).records
-    b = sim.run(cfg, progress=False, write=False).records
-    c = sim.run(dataclasses.replace(cfg, seed=1), progress=False, write=False).records
+    loop._COMPILED.clear()
+    runs = [sim.run(cfg, progress=False, write=False)]
+    runs.append(sim.run(cfg, progress=False, write=False))
+    loop._COMPILED.clear()
+    runs.append(sim.run(cfg, progress=False, write=False))
+    runs.append(sim.run(dataclasses.replace(cfg, seed=1), progress=False, write=False))
+    cached = [r.summary["compile_cached"] for r in runs]
+    assert cached == [False, True, False, True]
+    a, b, fresh, c = (r.records for r in runs)
     np.testing.assert_equal(a, b)  # NaN == NaN here (metrics a rule does not log)
+    np.testing.assert_equal(a, fresh)
     with pytest.raises(AssertionError):
         np.testing.assert_equal(a, c)
 

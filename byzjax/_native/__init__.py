@@ -12,9 +12,10 @@ around a centre (`gram`), for the geometric median's steps on it, with a bound o
 its rounding (`gram_error`). Their JVP rules give a non-finite entry no derivative.
 
 The shared library is compiled with the system C++ compiler the first time a rule
-asks for it (about 25 s on the 2-core Xeon) and cached under `$BYZJAX_CACHE_DIR` (default
-`~/.cache/byzjax`), keyed by the source, jax's version, the compiler, its flags and
-the CPU. It is built for this CPU (`-march=native`): with AVX-512 the distance and
+asks for it (about 25 s on the 2-core Xeon; processes that need it at once wait
+for one build) and cached under `$BYZJAX_CACHE_DIR` (default `~/.cache/byzjax`),
+keyed by the source, jax's version, the compiler, its flags and the CPU. It is
+built for this CPU (`-march=native`): with AVX-512 the distance and
 row kernels and the network loops take 16 columns a step, else AVX2's 8.
 `$BYZJAX_NATIVE_FLAGS` adds compiler flags (`-mno-avx512f` builds the AVX2 forms on
 an AVX-512 CPU, as the suite does to test both).
