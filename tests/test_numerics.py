@@ -66,7 +66,9 @@ def test_order_statistics_match_numpy_sort(n, select, d):
     want = np.sort(_sanitized(x), axis=0)
     for k, g in zip(ks, got, strict=True):
         np.testing.assert_array_equal(np.asarray(g, np.float64), want[k])
-    np.testing.assert_array_equal(jax.jit(nm.sort_workers)(x), want.astype(np.float32))
+    if select:  # `select` is not sort_workers' (a whole network: seconds at n = 100)
+        sort = jax.jit(nm.sort_workers)
+        np.testing.assert_array_equal(sort(x), want.astype(np.float32))
 
 
 @pytest.mark.parametrize("n", [2, 5, 8, 17, 25, 32, 130])
