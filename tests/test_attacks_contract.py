@@ -140,11 +140,45 @@ def test_pytree_input_through_byzjax_attack(name, i):
     )
 
 
-def test_bfloat16_in_bfloat16_out():
-    x = honest(6).astype(jnp.bfloat16)
-    for name in ("alie", "ipm", "min_max", "fang"):
-        out = byzjax.attack(name, jax.random.PRNGKey(0), x, f=F)
-        assert out.dtype == jnp.bfloat16 and out.shape == (F, D)
+@pytest.mark.parametrize("name,i", PARAMS)
+def test_bfloat16_in_bfloat16_out(name, i):
+    # bfloat16 rows give the attack's float32 rows on the widened input, rounded
+    # to bfloat16 (an attack that reads them as stored sums them in another
+    # order: one bfloat16 unit at most).
+    case = CASES[name][i]
+    atk = attacks.build(name, **case.kwargs)
+    params = default_params(name, atk, case)
+    x = honest(6, d=300).astype(jnp.bfloat16)
+    if "own" in params:  # the f gradients the Byzantine workers computed
+        params = {"own": honest(7, h=F, d=300).astype(jnp.bfloat16)}
+    key = jax.random.PRNGKey(0)
+    out = jax.jit(lambda x, p: atk.apply(key, x, p, F))(x, params)
+    wide = jax.jit(lambda x, p: atk.apply(key, x, p, F))(x.astype(jnp.float32), params)
+    assert out.dtype == jnp.bfloat16 and out.shape == (F, 300)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32),
+        np.asarray(wide.astype(jnp.bfloat16), np.float32),
+        rtol=2**-7,
+        atol=1e-30,
+    )
+
+
+# The attacks that read bfloat16 rows as they are (`make_attack(stored=True)`).
+STORED = {"alie", "ipm", "large_opposite", "sign_flip"}
+
+
+@pytest.mark.parametrize("name", sorted(STORED))
+def test_stored_attacks_read_bfloat16_without_a_float32_copy(name):
+    if not byzjax._native.enabled():
+        pytest.skip("the CPU kernels read bfloat16 rows as they are")
+    h, d = 20, 200_000
+    atk = attacks.build(name)
+    x = jax.ShapeDtypeStruct((h, d), jnp.bfloat16)
+    fn = jax.jit(lambda x: atk.apply(jax.random.PRNGKey(0), x, atk.default_params, F))
+    temp = fn.lower(x).compile().memory_analysis().temp_size_in_bytes
+    # A float32 copy of the rows would be h * d * 4 bytes; the moments and a
+    # few (d,) vectors are left.
+    assert temp < 4 * d * 4, f"{temp / 1e6:.1f} MB of temporaries"
 
 
 def test_unknown_names_and_parameters_raise():

@@ -115,7 +115,7 @@ def alie(z: float | None = None, form: str = "paper", ddof: int = 0) -> Attack:
             z_ = z_max(x.shape[0] + f, f, form)
         return alie_vector(x, z_, ddof)
 
-    return make_attack("alie", {"z": z}, body, min_honest=ddof + 1)
+    return make_attack("alie", {"z": z}, body, min_honest=ddof + 1, stored=True)
 
 
 ATTACKS = {"alie": alie}

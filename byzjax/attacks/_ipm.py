@@ -29,7 +29,10 @@ def ipm(eps: float = 0.1) -> Attack:
       An Attack with params ``{"eps": eps}``.
     """
     return make_attack(
-        "ipm", {"eps": eps}, lambda key, x, params, f: -params["eps"] * dot_mean(x)
+        "ipm",
+        {"eps": eps},
+        lambda key, x, params, f: -params["eps"] * dot_mean(x),
+        stored=True,
     )
 
 
