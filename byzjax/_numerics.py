@@ -254,6 +254,21 @@ def dot_mean(x: jax.Array) -> jax.Array:
     return jnp.matmul(ones, x, precision=HIGHEST)
 
 
+def mean_std(x: jax.Array, ddof: int) -> tuple[jax.Array, jax.Array]:
+    """Coordinate-wise mean and standard deviation over the worker axis (ALIE's
+    mu and sigma, and its predictor among the simulator's diagnostics).
+
+    Through the moments kernel where it can (one read of x, float32 sums); else
+    the mean as a product and the deviations as XLA's fused sum (two reads or
+    more)."""
+    if kernel_rows(x):
+        mu, m2 = _native.row_moments(x)
+    else:
+        mu = dot_mean(x)
+        m2 = map_rows_sum(lambda r: jnp.square(r - mu), x)
+    return mu, jnp.sqrt(m2 / (x.shape[0] - ddof))
+
+
 def sort_workers(x: jax.Array) -> jax.Array:
     """Sorts each coordinate of an (n, d) array over the worker axis, NaN as +Inf."""
     return sort_rows(x)

@@ -13,11 +13,9 @@ import math
 from statistics import NormalDist
 
 import jax
-import jax.numpy as jnp
 
-from byzjax import _native
 from byzjax._checks import require, static_int
-from byzjax._numerics import dot_mean, kernel_rows, map_rows_sum
+from byzjax._numerics import mean_std
 from byzjax.attacks._base import Attack
 from byzjax.attacks._simple import choice, make_attack
 
@@ -57,20 +55,6 @@ def z_max(n: int, f: int, form: str = "paper") -> float:
     if p <= 0.0:
         return -math.inf
     return NormalDist().inv_cdf(p)
-
-
-def mean_std(x: jax.Array, ddof: int) -> tuple[jax.Array, jax.Array]:
-    """Coordinate-wise mean and standard deviation over the worker axis.
-
-    Through the moments kernel where it can (one read of x, float32 sums); else
-    the mean as a product and the deviations as XLA's fused sum (two reads or
-    more)."""
-    if kernel_rows(x):
-        mu, m2 = _native.row_moments(x)
-    else:
-        mu = dot_mean(x)
-        m2 = map_rows_sum(lambda r: jnp.square(r - mu), x)
-    return mu, jnp.sqrt(m2 / (x.shape[0] - ddof))
 
 
 def alie_vector(x: jax.Array, z, ddof: int) -> jax.Array:

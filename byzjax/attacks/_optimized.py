@@ -32,6 +32,7 @@ from byzjax._checks import require, static_int
 from byzjax._numerics import (
     HIGHEST,
     dot_mean,
+    mean_std,
     nan_to_posinf,
     norms,
     pairwise_sq_dists,
@@ -40,7 +41,6 @@ from byzjax._numerics import (
     stack_rows,
 )
 from byzjax.aggregators import Aggregator
-from byzjax.attacks._alie import mean_std
 from byzjax.attacks._base import Attack
 from byzjax.attacks._simple import choice, make_attack
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from byzjax._numerics import HIGHEST, row_mean
+from byzjax._numerics import HIGHEST, mean_std
 
 __all__ = [
     "METRICS",
@@ -103,9 +103,10 @@ def alie_fraction(honest: jax.Array, z) -> jax.Array:
     Returns:
       A float32 scalar in [0, 1].
     """
-    x = honest.astype(jnp.float32)
-    mu = row_mean(x)
-    sigma = jnp.sqrt(row_mean((x - mu) ** 2))
+    # The moments in one read of the rows: as `row_mean(x - mu)`, XLA fused
+    # the mean's sum into each deviation (4.5 ms at (20, 79,510), a fifth of an
+    # MLP training step; 0.7 ms for the mean alone).
+    mu, sigma = mean_std(honest, 0)
     return jnp.mean((jnp.abs(mu) < z * sigma).astype(jnp.float32))
 
 
