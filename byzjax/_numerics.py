@@ -246,8 +246,9 @@ def dot_mean(x: jax.Array) -> jax.Array:
     Use `row_mean` where the rows are themselves computed (it fuses with them).
     On the CPU, stored rows go through the kernels in one read: float32 through
     the mean's (IPM at (20, 1e6) 12.1 -> 8.3 ms, 0.41 -> 0.72 of the read floor;
-    at (76, 1e6) 0.63 -> 0.89 of it), bfloat16 through the moments kernel, which widens them as it reads into a
-    float32 mean (the product would read a float32 copy of x, written first).
+    at (76, 1e6) 0.63 -> 0.89 of it), bfloat16 through the moments kernel, which
+    widens them as it reads into a float32 mean (the product would read a
+    float32 copy of x, written first).
     """
     if kernel_rows(x):
         if x.dtype == jnp.float32:
