@@ -445,8 +445,8 @@ def _build_shared(
 def _build_lock(target: pathlib.Path):
     """Holds an exclusive lock on `target`'s build: processes that need the same
     library (parallel test workers, a sweep's processes) wait for one compilation
-    instead of each running their own (the kernels take about 17 s, twice as long
-    with two at once on two cores)."""
+    instead of each running their own (the kernels took 25 s alone on the 2-core
+    Xeon, 33 s each with two at once)."""
     if fcntl is None:
         yield
         return
