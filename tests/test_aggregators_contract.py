@@ -475,21 +475,22 @@ def test_chain_writes_computed_rows_out_once_for_a_stored_rule(name, pre):
     f = 2 if name == "mda" else cfg["f"]
     params = PRE[pre]["params"]
     agg = aggregators.build(name, f=f, pre=[(pre, params)], **cfg["params"])
-    n, d = 25, 1_000_000
-    x = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    # One compilation for the temporaries and the aggregate: 1e5 columns make the
+    # rows' copy (n_out (d,) vectors) stand far above the rest.
+    n, d = 25, 100_000
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(n, d)), jnp.float32)
     fn = jax.jit(lambda x: agg.update(x, agg.init(x), agg.default_params)[0])
-    temp = fn.lower(x).compile().memory_analysis().temp_size_in_bytes
-    n_out = aggregators.get_pre(pre)(f, **params).n_out(n)
+    compiled = fn.lower(x).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    pre_agg = aggregators.get_pre(pre)(f, **params)
+    n_out = pre_agg.n_out(n)
     # The rows once, plus up to three (d,) vectors (a start, an iterate, the
     # result): a second copy of the rows would be n_out of them.
     assert temp < (n_out + 3) * d * 4, f"{temp / 1e6:.1f} MB of temporaries"
     rule = aggregators.build(name, f=f, **cfg["params"])
-    pre_agg = aggregators.get_pre(pre)(f, **params)
-    small = _x(25, seed=8)
-    rows, _ = jax.jit(pre_agg.wide_update)(small, pre_agg.init(small), params)
+    rows, _ = jax.jit(pre_agg.wide_update)(x, pre_agg.init(x), params)
     want = jax.jit(lambda r: rule.update(r, rule.init(r), rule.default_params)[0])(rows)
-    got = jax.jit(lambda x: agg.update(x, agg.init(x), agg.default_params)[0])(small)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(compiled(x), want, rtol=1e-6, atol=1e-6)
 
 
 # NNM's output is one matrix product, an (n, d) float32 array of its own, and its

@@ -652,10 +652,12 @@ def _bits(a):
     return np.where(np.isnan(a), np.float32(np.nan), a).view(np.uint32)
 
 
-NETWORK_SHAPES = [(2, 9), (3, 1), (4, 7), (7, 8), (8, 37), (12, 300), (25, 1001)]
+# (25, 80011): the loop's two threads (4 n d >= 8e6 elements' work, `thread_count`)
+# over 40,008 columns and 40,003, a column tail in each at 16 columns a step.
+NETWORK_SHAPES = [(2, 9), (3, 1), (4, 7), (7, 8), (8, 37), (12, 300), (25, 80011)]
 # Shapes on which the loops of the width this CPU does not prefer run too: odd and
 # even n, a column tail, the threaded split, n = 32.
-NETWORK_OTHER_WIDTH = [(3, 1), (8, 37), (25, 1001), (32, 17)]
+NETWORK_OTHER_WIDTH = [(3, 1), (8, 37), (25, 80011), (32, 17)]
 
 
 def _widths_here():
@@ -707,8 +709,8 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
     "n,d,b,dtype",
     [
         (34, 37, 1, np.float32),
-        (65, 555, 16, np.float32),
-        (100, 10007, 25, np.float32),
+        # Two threads on two cores (`NETWORK_SHAPES`): 20,104 columns and 20,099.
+        (99, 40203, 24, np.float32),
         (128, 17, 63, np.float32),
         # bfloat16's loops differ in their loads and exchanges alone: two shapes
         # (its XLA forms take seconds more to compile), with column blocks and a
@@ -722,7 +724,7 @@ def test_selection_loops_above_32_rows_give_the_xla_bits(n, d, b, dtype):
     # rows (bfloat16 networks by XLA's min/max there: AVX-512's range
     # instruction, or integer min and max on order keys: with AVX2, and on AMD's
     # AVX-512, where float32's networks take the keys too). Column blocks of
-    # 256 (65 and 100 rows), a part block, a tail, the threaded split (100 rows).
+    # 256 (65 and 99 rows), a part block, a tail, the threaded split (99 rows).
     x = _network_inputs(n * 1000 + d, n, d, dtype)
     # One trimming each (each loop and XLA form takes seconds to compile): the
     # fewest, a quarter, the most.
