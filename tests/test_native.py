@@ -254,6 +254,24 @@ def test_concurrent_builds_of_one_library_compile_it_once(tmp_path, monkeypatch)
     assert ctypes.cdll.LoadLibrary(str(paths[0])).eight() == 8
 
 
+def test_a_library_built_in_parts_holds_every_part(tmp_path, monkeypatch):
+    # The kernels compile as two objects at once, linked into one library; a part
+    # that does not compile raises with the compiler's message.
+    monkeypatch.setenv("BYZJAX_CACHE_DIR", str(tmp_path))
+    source = (
+        '#if BYZJAX_PART == 0\nextern "C" int two() { return 2; }\n'
+        '#else\nextern "C" int three() { return 3; }\n#endif\n'
+    )
+    path = _native._build_shared(source, "test", ("-O1",), parts=2)
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    assert lib.two() == 2 and lib.three() == 3
+    broken = "#if BYZJAX_PART == 1\n#error part one is broken\n#endif\n"
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        _native._build_shared(broken, "test", ("-O1",), parts=2)
+    assert "part one is broken" in err.value.stderr
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lock", ".lock", ".so"]
+
+
 def test_sources_include_their_precompiled_header(tmp_path, monkeypatch):
     # The network loops include one header, precompiled once per flags: a build
     # finds it by name, and without the precompiled form (deleted, or a compiler

@@ -398,11 +398,14 @@ def _build_shared(
     stem: str,
     flags=("-O3", "-march=native"),
     header: tuple[str, str] | None = None,
+    parts: int = 1,
 ) -> pathlib.Path:
     """Compiles C++ `source` into a shared library once per (source, jax, compiler,
     flags, CPU), cached as `{stem}-{key}.so`; returns its path. `header` (name,
     text): a header the source includes by that name, precompiled once per
-    (text, compiler, flags, CPU) beside the libraries (`_precompiled`)."""
+    (text, compiler, flags, CPU) beside the libraries (`_precompiled`). `parts`
+    > 1: the source compiled that many times at once, with BYZJAX_PART = 0, 1,
+    ... (each part's code under its own #if), and the objects linked."""
     cxx = _compiler()
     version = subprocess.run(
         [cxx, "--version"], capture_output=True, text=True, check=True
@@ -429,16 +432,42 @@ def _build_shared(
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         src = pathlib.Path(tmp).with_suffix(".cc")
+        objects = [f"{tmp}.{i}.o" for i in range(parts)] if parts > 1 else []
         try:
             src.write_text(source)
-            cmd = [cxx, *flags, *includes, str(src), "-o", tmp]
-            subprocess.run(cmd, capture_output=True, text=True, check=True)
+            if objects:
+                _run_all(
+                    [cxx, *flags, *includes, f"-DBYZJAX_PART={i}", "-c", str(src)]
+                    + ["-o", obj]
+                    for i, obj in enumerate(objects)
+                )
+                _run_all([[cxx, *flags, *objects, "-o", tmp]])
+            else:
+                _run_all([[cxx, *flags, *includes, str(src), "-o", tmp]])
             os.replace(tmp, target)
         finally:
-            for leftover in (tmp, src):
+            for leftover in (tmp, src, *objects):
                 if os.path.exists(leftover):
                     os.unlink(leftover)
     return target
+
+
+def _run_all(commands) -> None:
+    """Runs the compiler commands at once and waits for all of them; the first
+    that failed raises CalledProcessError with its output."""
+    procs = [
+        (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for cmd in commands
+    ]
+    done = [(cmd, proc, *proc.communicate()) for cmd, proc in procs]
+    for cmd, proc, out, err in done:
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(
+                proc.returncode,
+                cmd,
+                out.decode(errors="replace"),
+                err.decode(errors="replace"),
+            )
 
 
 @contextlib.contextmanager
@@ -507,7 +536,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.cdll.LoadLibrary(
-            str(_build_shared(_SOURCE.read_text(), "kernels"))
+            str(_build_shared(_SOURCE.read_text(), "kernels", parts=2))
         )
         for name, symbol in _TARGETS.items():
             capsule = jax.ffi.pycapsule(getattr(lib, symbol))
