@@ -670,9 +670,10 @@ def _bits(a):
     return np.where(np.isnan(a), np.float32(np.nan), a).view(np.uint32)
 
 
-# (25, 80011): the loop's two threads (4 n d >= 8e6 elements' work, `thread_count`)
-# over 40,008 columns and 40,003, a column tail in each at 16 columns a step.
-NETWORK_SHAPES = [(2, 9), (3, 1), (4, 7), (7, 8), (8, 37), (12, 300), (25, 80011)]
+# Odd and even n up to 32; fewer columns than a step (3, 1), one step of 8 (7, 8),
+# column tails; (25, 80011) on the loop's two threads (4 n d >= 8e6 elements'
+# work, `thread_count`), 40,008 columns and 40,003, a tail in each at 16 a step.
+NETWORK_SHAPES = [(2, 9), (3, 1), (7, 8), (8, 37), (25, 80011), (31, 40), (32, 17)]
 # Shapes on which the loops of the width this CPU does not prefer run too: odd and
 # even n, a column tail, the threaded split, n = 32.
 NETWORK_OTHER_WIDTH = [(3, 1), (8, 37), (25, 80011), (32, 17)]
@@ -687,7 +688,7 @@ def _widths_here():
 
 
 @pytest.mark.parametrize("width", [8, 16])
-@pytest.mark.parametrize("n,d", NETWORK_SHAPES + [(31, 40), (32, 17)])
+@pytest.mark.parametrize("n,d", NETWORK_SHAPES)
 @X_DTYPES
 def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
     # The generated loops run the XLA forms' compare-exchanges and arithmetic in

@@ -158,26 +158,27 @@ def _mean_around_median_jit(k: int, vmapped: bool = False):
 def test_mean_around_median_two_sided_ties(vmapped):
     # A value outside the window of the sorted column exactly as far from the
     # median as one inside on the other side: T0 picks by worker index, which the
-    # sorted column has lost (a few such columns among many, or ties everywhere;
-    # vmapped: both and a column-free input in one batch, where each fix runs
-    # for the whole batch and must change only the inputs that need it).
+    # sorted column has lost (a few such columns among many: the gathered
+    # blocks; ties everywhere: the whole array). Alone, each input takes one
+    # side of the fix's `lax.cond`; vmapped, both and a column-free input in one
+    # batch, where the cond runs both sides for the whole batch and must change
+    # only the inputs that need it.
     n, k, d = 25, 20, 17 * 1024 + 5
     rng = np.random.default_rng(7)
+    kinds = ["none", "few", "every_block"] if vmapped else ["few", "every_block"]
+    x = np.stack([_two_sided_ties(kind, n, d, rng) for kind in kinds])
     if vmapped:
-        batches = [["none", "few", "every_block"]]
-    else:
-        batches = [["few"], ["every_block"]]  # one compilation for both
-    for kinds in batches:
-        x = np.stack([_two_sided_ties(kind, n, d, rng) for kind in kinds])
         got = _mean_around_median_jit(k, vmapped=True)(x)
-        for got_i, x_i, kind in zip(got, x, kinds, strict=True):
-            np.testing.assert_allclose(
-                got_i,
-                _mean_around_median_oracle(x_i, k),
-                rtol=1e-5,
-                atol=1e-6,
-                err_msg=kind,
-            )
+    else:  # one compilation for both
+        got = [_mean_around_median_jit(k)(x_i) for x_i in x]
+    for got_i, x_i, kind in zip(got, x, kinds, strict=True):
+        np.testing.assert_allclose(
+            got_i,
+            _mean_around_median_oracle(x_i, k),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=kind,
+        )
 
 
 @pytest.mark.parametrize("d", [1, 7, 1024, 3 * 1024, 5 * 1024 + 37])
