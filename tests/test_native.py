@@ -812,6 +812,36 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
             np.testing.assert_array_equal(_bits(got), want, err_msg=f"{name} {keyed}")
 
 
+@pytest.mark.parametrize("n,d", [*NETWORK_SHAPES, (34, 37), (65, 555)])
+def test_bfloat16_median_loop_of_32_columns_gives_the_xla_bits(n, d):
+    # bfloat16's median takes 32 columns a step on 16-bit order keys where the
+    # CPU has AVX-512BW (`_PairLoop`): the shapes of the other loops, blocked
+    # ones above 32 rows (XLA's min/max there, as the keys order zeros), and
+    # columns of zeros of both signs or one, where below 33 rows a step with a
+    # zero median in a column holding a -0 runs again by XLA's selects; NaN of
+    # either sign.
+    from byzjax._native import networks
+
+    if networks.bfloat16_width(jnp.bfloat16) != 32:
+        pytest.skip("this CPU has no 32-lane bfloat16 loops (AVX-512BW)")
+    x = np.array(_network_inputs(n * 1000 + d, n, d, np.float32))
+    if d >= 100:
+        rng = np.random.default_rng(n)
+        x[:, 10:40] = rng.choice(np.float32([0.0, -0.0]), size=(n, 30))
+        x[:, 40:70] = rng.choice(np.float32([0.0, -0.0, 1.0, -1.0]), size=(n, 30))
+        x[:, 70:80] = -0.0
+        # NaN of both signs, as +Inf to the rules: many of them, so the median
+        # is one in some columns.
+        nans = np.float32([np.nan, -np.nan, 1.0, -np.inf])
+        x[:, 80:110] = rng.choice(nans, size=(n, 30), p=[0.3, 0.3, 0.2, 0.2])
+    x = jnp.asarray(x).astype(jnp.bfloat16)
+    source = networks.median_source(n, jnp.bfloat16)
+    assert "kWidth = 32;" in source
+    got = _jit(lambda x: networks.network_rule(x, source))(x)
+    want = _jit(nm.coordinate_median)(x)
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
 @pytest.mark.parametrize(
     "n,d,k,dtype",
     [

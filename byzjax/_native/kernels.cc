@@ -1242,7 +1242,7 @@ ffi::Error RowMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
 }
 
 // A generated network loop (byzjax/_native/networks.py): out[k] for the columns
-// k in [lo, hi), hi - lo a multiple of its width (8 or 16 columns a step), of
+// k in [lo, hi), hi - lo a multiple of its width (8, 16 or 32 columns a step), of
 // the n rows rows[i] (float32 or bfloat16, as generated).
 using NetworkFn = void (*)(const void* const* rows, float* out, int64_t lo,
                            int64_t hi);
@@ -1271,7 +1271,7 @@ ffi::Error NetworkImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
   const Network network = network_of(id);
   const NetworkFn fn = network.fn;
   const int64_t w = network.width;
-  if (!shape.ok || fn == nullptr || w < 1 || w > 16) {
+  if (!shape.ok || fn == nullptr || w < 1 || w > 32) {
     return ffi::Error::InvalidArgument(
         "network: x must be (..., n, d) and the network registered");
   }
@@ -1305,7 +1305,7 @@ ffi::Error NetworkImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
         std::copy(row + full, row + hi, pad.data() + i * w);
         padded[i] = pad.data() + i * w;
       }
-      float tail[16];
+      float tail[32];
       fn(padded.data(), tail, 0, w);
       std::copy(tail, tail + (hi - full), ob + full);
     });
