@@ -493,6 +493,39 @@ def coordinate_median(x: jax.Array, *, stored: bool = False) -> jax.Array:
     return 0.5 * (lo + hi)
 
 
+def median_with_copies(honest: jax.Array, copies: int):
+    """`coordinate_median` of `copies` rows that all hold u followed by the rows
+    of `honest` (h, d), as a function of u (d,): the honest order statistics
+    the median can take are found once (one network pruned to at most four
+    ranks), then each u costs two clips of a row.
+
+    With s_0 <= ... <= s_(h-1) a column's honest values (NaN as +Inf) and u put
+    in `copies` times, rank r of the h + copies values is clip(u, s_(r-copies),
+    s_r), an end missing below rank 0 or above h - 1: s_r where u is above it,
+    s_(r-copies) where u is below that, else u. The ranks are the same values
+    as the network's, so the median is `coordinate_median`'s up to the signs of
+    zeros (which XLA's select networks leave to the wires' order).
+    """
+    h = honest.shape[0]
+    ranks = middle_ranks(h + copies)
+    needed = sorted({k for r in ranks for k in (r - copies, r) if 0 <= k < h})
+    found = order_statistics(honest, needed) if needed else []
+    stats = dict(zip(needed, found, strict=True))
+    dtype = compute_dtype(honest.dtype)
+
+    def rank(u, r):
+        if r - copies in stats:
+            u = jnp.maximum(u, stats[r - copies])
+        return jnp.minimum(u, stats[r]) if r in stats else u
+
+    def evaluate(u):
+        u = _nan_to_posinf(u.astype(dtype))
+        lo, *hi = [rank(u, r) for r in ranks]
+        return 0.5 * (lo + hi[0]) if hi else lo
+
+    return evaluate
+
+
 def coordinate_trimmed_mean(x: jax.Array, b: int, *, stored: bool = False) -> jax.Array:
     """Mean of the order statistics b+1 .. n-b of each coordinate (NaN as +Inf).
 

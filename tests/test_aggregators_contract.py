@@ -247,6 +247,47 @@ def test_rule_fused_update_equals_update(name, dtype):
             )
 
 
+COPIES = sorted(
+    name
+    for name, cfg in RULES.items()
+    if aggregators.build(name, f=cfg["f"], **cfg["params"]).copies_update
+)
+
+
+def test_copies_updates_are_known():
+    # A rule that gains a `copies_update` (the rule-aware attacks' fast path)
+    # should be listed here on purpose.
+    assert COPIES == ["median"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: jnp.dtype(t).name)
+@pytest.mark.parametrize("name", COPIES)
+def test_rule_copies_update_equals_update_on_stacked_rows(name, dtype):
+    # What the rule-aware attacks evaluate per candidate: the rule over f copies
+    # of u followed by the honest rows, the honest rows' work done once. The
+    # values of `update` on the stacked rows (signs of zeros aside), in the
+    # input dtype, for a u inside the honest spread, beyond it, and NaN.
+    cfg = RULES[name]
+    f = cfg["f"]
+    agg = aggregators.build(name, f=f, **cfg["params"])
+    rng = np.random.default_rng(3)
+    honest = jnp.asarray(rng.normal(size=(cfg["n"] - f, 37)), dtype)
+    evaluate = jax.jit(lambda x, u: agg.copies_update(x, f, agg.default_params)(u))
+    update = jax.jit(lambda x: agg.update(x, agg.init(x), agg.default_params)[0])
+    for u in (honest[0] * 0.5, honest[1] + 9.0, jnp.full(37, jnp.nan, dtype)):
+        got = evaluate(honest, u)
+        want = update(jnp.concatenate([jnp.tile(u, (f, 1)), honest]))
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_array_equal(
+            np.asarray(got, np.float64), np.asarray(want, np.float64)
+        )
+    if cfg["bad"]:
+        (n, bad_f), inequality = cfg["bad"]
+        bad = aggregators.build(name, f=bad_f, **cfg["params"])
+        with pytest.raises(ValueError, match=re.escape(inequality)):
+            bad.copies_update(honest[: n - bad_f], bad_f, bad.default_params)
+
+
 def _vmap_batch(n):
     """Three inputs for one vmapped call: clean, with a NaN row and a -Inf entry
     (the rules' non-finite fallbacks), and small integers (ties everywhere)."""

@@ -419,3 +419,27 @@ def test_optimized_attacks_evaluate_the_rules_form_for_computed_rows():
     )(byz, honest)
     want = np.concatenate([byz, honest]).astype(np.float64).mean(0)
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("name", ["alie_opt", "ipm_opt"])
+def test_rule_aware_attacks_through_copies_give_the_stacked_rows_bits(name, dtype):
+    # Against the median the searches evaluate each candidate off the honest
+    # order statistics (`copies_update`) instead of a network over the stacked
+    # rows: the same objective values, so the same factor and the same bits. On
+    # ties (small integers), a non-finite honest row, odd and even n.
+    from byzjax import aggregators
+
+    rng = np.random.default_rng(5)
+    for h, f in ((10, 3), (19, 7)):
+        x = rng.normal(size=(h, 203)).astype(np.float32)
+        x[:, :60] = rng.integers(-2, 3, size=(h, 60))
+        x[h // 2, 100:110] = np.inf
+        x = jnp.asarray(x, dtype)
+        stacked = aggregators.build("median", f=f)._replace(copies_update=None)
+        outs = []
+        for rule in ("median", stacked):
+            attack = attacks.get(name)(rule=rule)
+            fn = jax.jit(lambda k, x, p, a=attack, f=f: a.apply(k, x, p, f))
+            outs.append(np.asarray(fn(KEY, x, attack.default_params), np.float32))
+        np.testing.assert_array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))

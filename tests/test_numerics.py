@@ -96,6 +96,40 @@ def test_median_and_trimmed_mean_match_numpy(n):
     np.testing.assert_allclose(got, tm, rtol=1e-5, atol=1e-6)
 
 
+# (honest rows, copies): odd and even n, at n = 100 the median's four honest
+# ranks, and copies beyond the middle ranks (both clip ends missing).
+COPIES_SHAPES = [(6, 3), (9, 4), (20, 1), (76, 24), (3, 6)]
+
+
+@pytest.mark.parametrize("h,copies", COPIES_SHAPES)
+def test_median_with_copies_matches_numpy_and_the_stacked_rows(h, copies):
+    # The median of `copies` rows equal to u and h honest rows, off the honest
+    # order statistics and two clips of u: the float64 median of the stacked
+    # rows (NaN as +Inf), and coordinate_median's values on them (its zeros'
+    # signs aside). u takes normals, honest entries (ties), NaN, +-Inf, 1e38 and
+    # zeros; honest rows have non-finite rows too.
+    rng = np.random.default_rng(1000 * h + copies)
+    d = 301
+    x = _with_bad_rows(rng, h, d, min(2, h // 3))
+    specials = np.float32([np.nan, np.inf, -np.inf, 1e38, 0.0, -0.0])
+    us = [
+        rng.normal(size=d).astype(np.float32),
+        x[rng.integers(h), :],
+        rng.choice(specials, size=d),
+    ]
+    evaluate = jax.jit(lambda x, u: nm.median_with_copies(x, copies)(u))
+    stacked = jax.jit(nm.coordinate_median)
+    for u in us:
+        got = np.asarray(evaluate(x, u), np.float64)
+        rows = np.concatenate([np.tile(u, (copies, 1)), x])
+        s = np.sort(_sanitized(rows), axis=0)
+        n = h + copies
+        with np.errstate(invalid="ignore"):  # -Inf + Inf
+            want = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_array_equal(got, np.asarray(stacked(rows), np.float64))
+
+
 @pytest.mark.parametrize("n,k", [(5, 3), (8, 5), (25, 19), (130, 90)])
 def test_mean_around_breaks_ties_by_worker_index(n, k):
     rng = np.random.default_rng(n)

@@ -25,6 +25,9 @@ Update = Callable[[jax.Array, State, Params], tuple[jax.Array, State]]
 WeightedUpdate = Callable[
     [jax.Array, jax.Array, jax.Array, State, Params], tuple[jax.Array, State]
 ]
+# `copies_update(honest[h, d], copies, params) -> evaluate`, `evaluate(u[d]) ->
+# aggregate[d]`: see `Aggregator`.
+CopiesUpdate = Callable[[jax.Array, int, Params], Callable[[jax.Array], jax.Array]]
 # `row_scales(grads[n, d], state, params) -> ((s[n], keep[n]), state)`: see
 # `PreAggregator`.
 RowScales = Callable[
@@ -52,6 +55,12 @@ class Aggregator(NamedTuple):
         the rows y_i = s_i x_i (keep_i), 0 (not keep_i) without computing them: a
         pre-aggregator that scales rows (`PreAggregator.row_scales`) then costs
         one weighted sum of x (`chain`). None: the rule has no such form.
+      copies_update: for a stateless rule, its aggregate of `copies` rows that
+        all hold one vector u followed by the rows of `honest`, as a function of
+        u, with the work on `honest` done once: what the rule-aware attacks
+        (`alie_opt`, `ipm_opt`) evaluate for every candidate u of their
+        searches. The same values as `update` on those rows (zeros' signs
+        aside). None: the attacks stack the rows and run `computed_update`.
     """
 
     init: Callable[[jax.Array], State]
@@ -60,6 +69,7 @@ class Aggregator(NamedTuple):
     fused_update: Update | None = None
     stored: bool = False
     weighted_update: WeightedUpdate | None = None
+    copies_update: CopiesUpdate | None = None
 
     @property
     def computed_update(self) -> Update:
@@ -115,6 +125,7 @@ def stateless(
     stored: bool = False,
     weighted_fn: Callable[[jax.Array, jax.Array, jax.Array, Params], jax.Array]
     | None = None,
+    copies_fn: CopiesUpdate | None = None,
 ) -> Aggregator:
     """Wraps `fn(grads[n, d], params) -> aggregate[d]` as a stateless Aggregator.
 
@@ -122,8 +133,9 @@ def stateless(
     sees them, unless `promote=False`: then `fn` gets the input as it is and
     promotes it itself, for a kernel that reads bfloat16) and returns the input
     dtype. `fused_fn`, the same rule for computed rows, becomes `fused_update`;
-    `weighted_fn(grads, s, keep, params)` (grads as they are) `weighted_update`.
-    `stored`: see `Aggregator`.
+    `weighted_fn(grads, s, keep, params)` (grads as they are) `weighted_update`;
+    `copies_fn(honest, copies, params)` (honest as it is) `copies_update`, its
+    aggregates in the input dtype. `stored`: see `Aggregator`.
     """
 
     def wrap(fn):
@@ -139,9 +151,17 @@ def stateless(
         chex.assert_rank(grads, 2)
         return weighted_fn(grads, s, keep, params).astype(grads.dtype), state
 
+    def copies(honest, n_copies, params):
+        chex.assert_rank(honest, 2)
+        evaluate = copies_fn(honest, n_copies, params)
+        return lambda u: evaluate(u).astype(honest.dtype)
+
     fused = None if fused_fn is None else wrap(fused_fn)
     weighted = None if weighted_fn is None else weighted
-    return Aggregator(_no_state, wrap(fn), default_params, fused, stored, weighted)
+    copies = None if copies_fn is None else copies
+    return Aggregator(
+        _no_state, wrap(fn), default_params, fused, stored, weighted, copies
+    )
 
 
 def stateless_pre(

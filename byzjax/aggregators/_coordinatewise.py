@@ -22,16 +22,19 @@ from byzjax._numerics import (
     coordinate_mean_around_median,
     coordinate_median,
     coordinate_trimmed_mean,
+    median_with_copies,
 )
 from byzjax.aggregators._base import Aggregator, stateless
 
 
-def _networked(rule) -> Aggregator:
+def _networked(rule, copies_fn=None) -> Aggregator:
     """A stateless rule from `rule(stored)`: on stored rows its network may run
     as a generated CPU loop; on rows computed in the same program (after a
     pre-aggregator) it stays in XLA's fused loop, which reads them as they are
-    computed instead of writing them out first."""
-    return stateless(rule(True), promote=False, fused_fn=rule(False))
+    computed instead of writing them out first. `copies_fn`: see `stateless`."""
+    return stateless(
+        rule(True), promote=False, fused_fn=rule(False), copies_fn=copies_fn
+    )
 
 
 def median(f: int = 0) -> Aggregator:
@@ -62,7 +65,12 @@ def median(f: int = 0) -> Aggregator:
 
         return fn
 
-    return _networked(rule)
+    def copies_fn(honest, copies, params):
+        n = honest.shape[0] + copies
+        require(n >= 2 * f + 1, "median", "n >= 2f + 1", n=n, f=f)
+        return median_with_copies(honest, copies)
+
+    return _networked(rule, copies_fn)
 
 
 def trimmed_mean(f: int = 0, *, b: int | None = None) -> Aggregator:

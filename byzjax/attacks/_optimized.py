@@ -97,6 +97,16 @@ def aggregate_with(agg: Aggregator, byz: jax.Array, honest: jax.Array) -> jax.Ar
     return out.astype(honest.dtype)
 
 
+def copies_evaluator(agg: Aggregator, honest: jax.Array, f: int):
+    """``u -> aggregate_with(agg, f copies of u, honest)``: the rule's
+    `copies_update` where it has one (the honest rows' work done once for all
+    the u of a search: the median's order statistics), else the rows stacked."""
+    if agg.copies_update is None:
+        return lambda u: aggregate_with(agg, jnp.tile(u, (f, 1)), honest)
+    evaluate = agg.copies_update(honest, f, agg.default_params)
+    return lambda u: evaluate(u.astype(honest.dtype))
+
+
 def inner_with_mean(g: jax.Array, agg_out: jax.Array) -> jax.Array:
     """``<ḡ, A>``, the FoE inner product; NaN (a broken aggregate) counts as +Inf."""
     return nan_to_posinf(jnp.dot(g, agg_out, precision=HIGHEST))
@@ -477,9 +487,10 @@ def alie_opt(
         agg = make_rule(f)
         mu, sigma = mean_std(x, ddof)
 
+        aggregate = copies_evaluator(agg, x, f)
+
         def objective(z):
-            u = mu - z.astype(x.dtype) * sigma
-            return inner_with_mean(mu, aggregate_with(agg, jnp.tile(u, (f, 1)), x))
+            return inner_with_mean(mu, aggregate(mu - z.astype(x.dtype) * sigma))
 
         z = grid_search(objective, params["lo"], params["hi"], grid, rounds, False)
         return mu - z.astype(x.dtype) * sigma
@@ -523,10 +534,11 @@ def ipm_opt(
     def body(key, x, params, f):
         agg = make_rule(f)
         g = row_mean(x)
+        aggregate = copies_evaluator(agg, x, f)
 
         def objective(eps):
             u = -eps.astype(x.dtype) * g
-            return inner_with_mean(g, aggregate_with(agg, jnp.tile(u, (f, 1)), x))
+            return inner_with_mean(g, aggregate(u))
 
         eps = grid_search(objective, params["lo"], params["hi"], grid, rounds, True)
         return -eps.astype(x.dtype) * g
