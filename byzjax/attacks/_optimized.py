@@ -1,10 +1,13 @@
 """Optimised attacks: min-max, min-sum, Fang et al., and rule-aware ALIE and IPM.
 
-Every search over a scaling factor is vectorised: the candidates of a round are one
-`jax.vmap` (a grid, or Fang's halving ladder), and grid searches refine around the
-best candidate for a few rounds inside one `lax.fori_loop`. Min-max and min-sum need
-no search at all: their feasibility constraints are quadratics in the factor, solved
-in closed form (the authors' halving search is kept as an option for parity).
+Every search over a scaling factor runs inside the compiled program: Fang's halving
+ladder as one `jax.vmap`, the grid searches' candidates one after another
+(`lax.map`, each an evaluation of the target rule on n rows) refined around the
+best for a few rounds in one `lax.fori_loop`; against a rule with a
+`copies_update` (the median) a candidate costs a few reads of a row, not the rule.
+Min-max and min-sum need no search at all: their feasibility constraints are
+quadratics in the factor, solved in closed form (the authors' halving search is
+kept as an option for parity).
 
 References:
   Shejwalkar, Houmansadr. "Manipulating the Byzantine: Optimizing Model Poisoning
@@ -49,7 +52,7 @@ _AUTHORS_TOL = 1e-5  # the stopping tolerance of the authors' halving search
 
 
 # --------------------------------------------------------------------------------------
-# Shared pieces: the target rule, the objective, the vectorised grid search.
+# Shared pieces: the target rule, the objective, the grid search.
 
 
 def target_rule(
@@ -122,10 +125,10 @@ def grid_search(
 ) -> jax.Array:
     """Minimises a scalar objective over a factor in [lo, hi] by refined grids.
 
-    Round 1 evaluates `grid` evenly spaced candidates (in log space when `log`) with
-    one `jax.vmap`; every further round spaces `grid` candidates over the two cells
-    around the best factor found so far. The best value wins; ties go to the smaller
-    factor (the first candidate, SPEC T0), i.e. the stealthier attack.
+    Round 1 evaluates `grid` evenly spaced candidates (in log space when `log`), one
+    at a time (`lax.map`); every further round spaces `grid` candidates over the two
+    cells around the best factor found so far. The best value wins; ties go to the
+    smaller factor (the first candidate, SPEC T0), i.e. the stealthier attack.
 
     Returns:
       The best factor (a scalar).
@@ -459,8 +462,8 @@ def alie_opt(
 ) -> Attack:
     """ALIE with z chosen against a rule: ``u = mu - z* sigma``.
 
-    z* minimises the objective over ``[lo, hi]`` by a vectorised grid search (`grid`
-    candidates per round in one vmap, `rounds` refinements around the best).
+    z* minimises the objective over ``[lo, hi]`` by a grid search (`grid`
+    candidates per round, `rounds` refinements around the best; `grid_search`).
 
     {objective}
 
@@ -509,7 +512,7 @@ def ipm_opt(
 ) -> Attack:
     """IPM with eps chosen against a rule: ``u = -eps* ḡ``.
 
-    eps* minimises the objective over ``[lo, hi]`` (0 < lo < hi) by a vectorised grid
+    eps* minimises the objective over ``[lo, hi]`` (0 < lo < hi) by a grid
     search in log space, since the useful eps spans decades (about 0.1 against Krum,
     10 or more against the median).
 
