@@ -349,7 +349,10 @@ def _fang_trimmed_mean(x: jax.Array, key: jax.Array, b, f: int) -> jax.Array:
     lo = jnp.where(g > 0, jnp.where(g_min > 0, g_min / b, b * g_min), g_max)
     hi = jnp.where(g > 0, g_min, jnp.where(g_max > 0, b * g_max, g_max / b))
     r = jax.random.uniform(key, (f, x.shape[1]), x.dtype)
-    return lo + r * (hi - lo)
+    # Row by row: as one (f, d) expression XLA fused the bounds' running max and
+    # min over the h rows into it, once per Byzantine row (at (76 honest rows,
+    # 1e6), f = 24: 1,015 against 395 ms, the same bits; the draw alone 289 ms).
+    return lax.map(lambda r_i: lo + r_i * (hi - lo), r)
 
 
 def fang_krum_lambda_max(x: jax.Array, f: int) -> jax.Array:
