@@ -10,6 +10,7 @@ NaN coordinates sort as +Inf, so with at most f such rows they are trimmed or ig
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -493,21 +494,20 @@ def coordinate_median(x: jax.Array, *, stored: bool = False) -> jax.Array:
     return 0.5 * (lo + hi)
 
 
-def median_with_copies(honest: jax.Array, copies: int):
-    """`coordinate_median` of `copies` rows that all hold u followed by the rows
-    of `honest` (h, d), as a function of u (d,): the honest order statistics
-    the median can take are found once (one network pruned to at most four
-    ranks), then each u costs two clips of a row.
+def ranks_with_copies(honest: jax.Array, copies: int, ranks: Sequence[int]):
+    """The order statistics `ranks` (0-based, NaN as +Inf) of `copies` rows that
+    all hold u followed by the rows of `honest` (h, d), as a function of u (d,):
+    the honest order statistics they can take are found once (one network pruned
+    to those ranks), then each rank costs two clips of a row.
 
-    With s_0 <= ... <= s_(h-1) a column's honest values (NaN as +Inf) and u put
-    in `copies` times, rank r of the h + copies values is clip(u, s_(r-copies),
-    s_r), an end missing below rank 0 or above h - 1: s_r where u is above it,
-    s_(r-copies) where u is below that, else u. The ranks are the same values
-    as the network's, so the median is `coordinate_median`'s up to the signs of
-    zeros (which XLA's select networks leave to the wires' order).
+    With s_0 <= ... <= s_(h-1) a column's honest values and u put in `copies`
+    times, rank r of the h + copies values is clip(u, s_(r-copies), s_r), an end
+    missing below rank 0 or above h - 1: s_r where u is above it, s_(r-copies)
+    where u is below that, else u. These are the same values as a network's
+    ranks of the stacked rows, up to the signs of zeros (which XLA's select
+    networks leave to the wires' order).
     """
     h = honest.shape[0]
-    ranks = middle_ranks(h + copies)
     needed = sorted({k for r in ranks for k in (r - copies, r) if 0 <= k < h})
     found = order_statistics(honest, needed) if needed else []
     stats = dict(zip(needed, found, strict=True))
@@ -520,8 +520,46 @@ def median_with_copies(honest: jax.Array, copies: int):
 
     def evaluate(u):
         u = _nan_to_posinf(u.astype(dtype))
-        lo, *hi = [rank(u, r) for r in ranks]
+        return [rank(u, r) for r in ranks]
+
+    return evaluate
+
+
+def median_with_copies(honest: jax.Array, copies: int):
+    """`coordinate_median` of `copies` rows that all hold u followed by the rows
+    of `honest`, as a function of u: off `ranks_with_copies` (at most four
+    honest ranks once, then two clips of a row per u)."""
+    middle = ranks_with_copies(honest, copies, middle_ranks(honest.shape[0] + copies))
+
+    def evaluate(u):
+        lo, *hi = middle(u)
         return 0.5 * (lo + hi[0]) if hi else lo
+
+    return evaluate
+
+
+def trimmed_mean_with_copies(honest: jax.Array, copies: int, b: int):
+    """`coordinate_trimmed_mean(x, b)` of `copies` rows that all hold u followed
+    by the rows of `honest`, as a function of u, where x has more than
+    `FULL_NETWORK_MAX_N` rows (and b >= 1): the clip form's two order
+    statistics off `ranks_with_copies`, then its clipped rows summed as it sums
+    them, so its values (one pass over the honest rows per u instead of a
+    network over all the rows). None for fewer rows, where the form sums a
+    partition network's middle wires in an order these ranks do not give.
+    """
+    h = honest.shape[0]
+    n = h + copies
+    if b == 0 or n <= FULL_NETWORK_MAX_N:
+        return None
+    cuts = ranks_with_copies(honest, copies, (b, n - b - 1))
+    rows = promoted_rows(honest)
+    dtype = compute_dtype(honest.dtype)
+
+    def evaluate(u):
+        lo, hi = cuts(u)
+        u = jnp.clip(_nan_to_posinf(u.astype(dtype)), lo, hi)
+        clipped = [u] * copies + [jnp.clip(_nan_to_posinf(r), lo, hi) for r in rows]
+        return (sum_rows(lambda i: clipped[i], n) - b * (lo + hi)) / (n - 2 * b)
 
     return evaluate
 

@@ -423,22 +423,29 @@ def test_optimized_attacks_evaluate_the_rules_form_for_computed_rows():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("name", ["alie_opt", "ipm_opt"])
-def test_rule_aware_attacks_through_copies_give_the_stacked_rows_bits(name, dtype):
-    # Against the median the searches evaluate each candidate off the honest
-    # order statistics (`copies_update`) instead of a network over the stacked
-    # rows: the same objective values, so the same factor and the same bits. On
-    # ties (small integers), a non-finite honest row, odd and even n.
+@pytest.mark.parametrize(
+    "target,shapes",
+    [("median", ((10, 3), (19, 7))), ("trimmed_mean", ((30, 8),))],
+)
+def test_rule_aware_attacks_through_copies_give_the_stacked_rows_bits(
+    name, dtype, target, shapes
+):
+    # Against the median and (above 32 rows) the trimmed mean the searches
+    # evaluate each candidate off the honest order statistics (`copies_update`)
+    # instead of a network over the stacked rows: the same objective values, so
+    # the same factor and the same bits. On ties (small integers), a non-finite
+    # honest row, odd and even n.
     from byzjax import aggregators
 
     rng = np.random.default_rng(5)
-    for h, f in ((10, 3), (19, 7)):
+    for h, f in shapes:
         x = rng.normal(size=(h, 203)).astype(np.float32)
         x[:, :60] = rng.integers(-2, 3, size=(h, 60))
         x[h // 2, 100:110] = np.inf
         x = jnp.asarray(x, dtype)
-        stacked = aggregators.build("median", f=f)._replace(copies_update=None)
+        stacked = aggregators.build(target, f=f)._replace(copies_update=None)
         outs = []
-        for rule in ("median", stacked):
+        for rule in (target, stacked):
             attack = attacks.get(name)(rule=rule)
             fn = jax.jit(lambda k, x, p, a=attack, f=f: a.apply(k, x, p, f))
             outs.append(np.asarray(fn(KEY, x, attack.default_params), np.float32))

@@ -130,6 +130,47 @@ def test_median_with_copies_matches_numpy_and_the_stacked_rows(h, copies):
         np.testing.assert_array_equal(got, np.asarray(stacked(rows), np.float64))
 
 
+@pytest.mark.parametrize("h,copies,b", [(30, 8, 8), (76, 24, 24), (40, 3, 1)])
+def test_trimmed_mean_with_copies_matches_numpy_and_the_stacked_rows(h, copies, b):
+    # Above 32 rows the trimmed mean's clip form, its two order statistics off
+    # the honest ranks and two clips of u: the float64 trimmed mean of the
+    # stacked rows (NaN as +Inf), and the clip form's values on them. u as in
+    # the median's test.
+    rng = np.random.default_rng(1000 * h + copies)
+    d = 301
+    x = _with_bad_rows(rng, h, d, min(2, b))
+    good = x[np.isfinite(x).all(axis=1)]
+    specials = np.float32([np.nan, np.inf, -np.inf, 1e38, 0.0, -0.0])
+    us = [
+        rng.normal(size=d).astype(np.float32),
+        good[rng.integers(len(good))],
+        np.where(rng.random(d) < 0.2, rng.choice(specials, size=d), good[0]),
+    ]
+    evaluate = jax.jit(lambda x, u: nm.trimmed_mean_with_copies(x, copies, b)(u))
+    stacked = jax.jit(lambda x: nm.coordinate_trimmed_mean(x, b))
+    n = h + copies
+    for u in us:
+        got = np.asarray(evaluate(x, u), np.float64)
+        rows = np.concatenate([np.tile(u, (copies, 1)), x])
+        s = np.sort(_sanitized(rows), axis=0)
+        want = s[b : n - b].mean(0)
+        # float32 sums of 1e38 overflow where float64's do not: those columns
+        # are checked against the stacked rows only.
+        finite = np.abs(want) < 1e30
+        assert finite.mean() > 0.5
+        np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got, np.asarray(stacked(rows), np.float64))
+
+
+def test_trimmed_mean_with_copies_has_no_form_up_to_32_rows():
+    # There the rule sums a partition network's middle wires, in an order the
+    # ranks do not give: the attacks stack the rows instead.
+    x = jnp.ones((20, 8), jnp.float32)
+    assert nm.trimmed_mean_with_copies(x, 5, 5) is None
+    assert nm.trimmed_mean_with_copies(x, 13, 0) is None
+    assert nm.trimmed_mean_with_copies(x, 13, 5) is not None
+
+
 @pytest.mark.parametrize("n,k", [(5, 3), (8, 5), (25, 19), (130, 90)])
 def test_mean_around_breaks_ties_by_worker_index(n, k):
     rng = np.random.default_rng(n)

@@ -25,9 +25,11 @@ Update = Callable[[jax.Array, State, Params], tuple[jax.Array, State]]
 WeightedUpdate = Callable[
     [jax.Array, jax.Array, jax.Array, State, Params], tuple[jax.Array, State]
 ]
-# `copies_update(honest[h, d], copies, params) -> evaluate`, `evaluate(u[d]) ->
-# aggregate[d]`: see `Aggregator`.
-CopiesUpdate = Callable[[jax.Array, int, Params], Callable[[jax.Array], jax.Array]]
+# `copies_update(honest[h, d], copies, params) -> evaluate | None`, `evaluate(u[d])
+# -> aggregate[d]`: see `Aggregator`.
+CopiesUpdate = Callable[
+    [jax.Array, int, Params], Callable[[jax.Array], jax.Array] | None
+]
 # `row_scales(grads[n, d], state, params) -> ((s[n], keep[n]), state)`: see
 # `PreAggregator`.
 RowScales = Callable[
@@ -59,8 +61,10 @@ class Aggregator(NamedTuple):
         all hold one vector u followed by the rows of `honest`, as a function of
         u, with the work on `honest` done once: what the rule-aware attacks
         (`alie_opt`, `ipm_opt`) evaluate for every candidate u of their
-        searches. The same values as `update` on those rows (zeros' signs
-        aside). None: the attacks stack the rows and run `computed_update`.
+        searches. The same values as `computed_update` on those rows (zeros'
+        signs aside); it returns None for shapes it has no such form for. None
+        (or None returned): the attacks stack the rows and run
+        `computed_update`.
     """
 
     init: Callable[[jax.Array], State]
@@ -154,6 +158,8 @@ def stateless(
     def copies(honest, n_copies, params):
         chex.assert_rank(honest, 2)
         evaluate = copies_fn(honest, n_copies, params)
+        if evaluate is None:
+            return None
         return lambda u: evaluate(u).astype(honest.dtype)
 
     fused = None if fused_fn is None else wrap(fused_fn)

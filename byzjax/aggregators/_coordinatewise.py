@@ -23,6 +23,7 @@ from byzjax._numerics import (
     coordinate_median,
     coordinate_trimmed_mean,
     median_with_copies,
+    trimmed_mean_with_copies,
 )
 from byzjax.aggregators._base import Aggregator, stateless
 
@@ -104,7 +105,12 @@ def trimmed_mean(f: int = 0, *, b: int | None = None) -> Aggregator:
 
         return fn
 
-    return _networked(rule)
+    def copies_fn(honest, copies, params):
+        n = honest.shape[0] + copies
+        require(n >= 2 * b + 1, "trimmed_mean", "n >= 2b + 1", n=n, f=f, b=b)
+        return trimmed_mean_with_copies(honest, copies, b)
+
+    return _networked(rule, copies_fn)
 
 
 _MAM_VARIANTS = {"xie": 0, "alie": 1}

@@ -4,7 +4,8 @@ Every search over a scaling factor runs inside the compiled program: Fang's halv
 ladder as one `jax.vmap`, the grid searches' candidates one after another
 (`lax.map`, each an evaluation of the target rule on n rows) refined around the
 best for a few rounds in one `lax.fori_loop`; against a rule with a
-`copies_update` (the median) a candidate costs a few reads of a row, not the rule.
+`copies_update` (the median; the trimmed mean above 32 rows) a candidate skips the
+rule's network: its order statistics come from honest ones found once.
 Min-max and min-sum need no search at all: their feasibility constraints are
 quadratics in the factor, solved in closed form (the authors' halving search is
 kept as an option for parity).
@@ -102,11 +103,13 @@ def aggregate_with(agg: Aggregator, byz: jax.Array, honest: jax.Array) -> jax.Ar
 
 def copies_evaluator(agg: Aggregator, honest: jax.Array, f: int):
     """``u -> aggregate_with(agg, f copies of u, honest)``: the rule's
-    `copies_update` where it has one (the honest rows' work done once for all
-    the u of a search: the median's order statistics), else the rows stacked."""
-    if agg.copies_update is None:
+    `copies_update` where it has one for these shapes (the honest rows' work
+    done once for all the u of a search: the median's and the trimmed mean's
+    order statistics), else the rows stacked."""
+    copies = agg.copies_update
+    evaluate = None if copies is None else copies(honest, f, agg.default_params)
+    if evaluate is None:
         return lambda u: aggregate_with(agg, jnp.tile(u, (f, 1)), honest)
-    evaluate = agg.copies_update(honest, f, agg.default_params)
     return lambda u: evaluate(u.astype(honest.dtype))
 
 
