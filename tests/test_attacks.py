@@ -421,8 +421,10 @@ def test_optimized_attacks_evaluate_the_rules_form_for_computed_rows():
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bf16"])
-@pytest.mark.parametrize("name", ["alie_opt", "ipm_opt"])
+# Each attack on one dtype (each case compiles the stacked form's network too).
+@pytest.mark.parametrize(
+    "name,dtype", [("alie_opt", jnp.float32), ("ipm_opt", jnp.bfloat16)]
+)
 @pytest.mark.parametrize(
     "target,shapes",
     [("median", ((10, 3), (19, 7))), ("trimmed_mean", ((30, 8),))],
