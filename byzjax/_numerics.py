@@ -496,9 +496,10 @@ def coordinate_median(x: jax.Array, *, stored: bool = False) -> jax.Array:
 
 def ranks_with_copies(honest: jax.Array, copies: int, ranks: Sequence[int]):
     """The order statistics `ranks` (0-based, NaN as +Inf) of `copies` rows that
-    all hold u followed by the rows of `honest` (h, d), as a function of u (d,):
-    the honest order statistics they can take are found once (one network pruned
-    to those ranks), then each rank costs two clips of a row.
+    all hold u followed by the rows of `honest` (h, d), as a function of u (d,)
+    that returns (u in `compute_dtype`, NaN as +Inf; the ranks): the honest order
+    statistics they can take are found once (one network pruned to those ranks),
+    then each rank costs two clips of a row.
 
     With s_0 <= ... <= s_(h-1) a column's honest values and u put in `copies`
     times, rank r of the h + copies values is clip(u, s_(r-copies), s_r), an end
@@ -520,7 +521,7 @@ def ranks_with_copies(honest: jax.Array, copies: int, ranks: Sequence[int]):
 
     def evaluate(u):
         u = _nan_to_posinf(u.astype(dtype))
-        return [rank(u, r) for r in ranks]
+        return u, [rank(u, r) for r in ranks]
 
     return evaluate
 
@@ -532,7 +533,7 @@ def median_with_copies(honest: jax.Array, copies: int):
     middle = ranks_with_copies(honest, copies, middle_ranks(honest.shape[0] + copies))
 
     def evaluate(u):
-        lo, *hi = middle(u)
+        _, (lo, *hi) = middle(u)
         return 0.5 * (lo + hi[0]) if hi else lo
 
     return evaluate
@@ -553,11 +554,10 @@ def trimmed_mean_with_copies(honest: jax.Array, copies: int, b: int):
         return None
     cuts = ranks_with_copies(honest, copies, (b, n - b - 1))
     rows = promoted_rows(honest)
-    dtype = compute_dtype(honest.dtype)
 
     def evaluate(u):
-        lo, hi = cuts(u)
-        u = jnp.clip(_nan_to_posinf(u.astype(dtype)), lo, hi)
+        u, (lo, hi) = cuts(u)
+        u = jnp.clip(u, lo, hi)
         clipped = [u] * copies + [jnp.clip(_nan_to_posinf(r), lo, hi) for r in rows]
         return (sum_rows(lambda i: clipped[i], n) - b * (lo + hi)) / (n - 2 * b)
 

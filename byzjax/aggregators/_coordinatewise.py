@@ -58,17 +58,18 @@ def median(f: int = 0) -> Aggregator:
     """
     f = static_int(f, "median", "f")
 
+    def check(n):
+        require(n >= 2 * f + 1, "median", "n >= 2f + 1", n=n, f=f)
+
     def rule(stored):
         def fn(x, params):
-            n = x.shape[0]
-            require(n >= 2 * f + 1, "median", "n >= 2f + 1", n=n, f=f)
+            check(x.shape[0])
             return coordinate_median(x, stored=stored)
 
         return fn
 
     def copies_fn(honest, copies, params):
-        n = honest.shape[0] + copies
-        require(n >= 2 * f + 1, "median", "n >= 2f + 1", n=n, f=f)
+        check(honest.shape[0] + copies)
         return median_with_copies(honest, copies)
 
     return _networked(rule, copies_fn)
@@ -97,17 +98,18 @@ def trimmed_mean(f: int = 0, *, b: int | None = None) -> Aggregator:
     f = static_int(f, "trimmed_mean", "f")
     b = f if b is None else static_int(b, "trimmed_mean", "b")
 
+    def check(n):
+        require(n >= 2 * b + 1, "trimmed_mean", "n >= 2b + 1", n=n, f=f, b=b)
+
     def rule(stored):
         def fn(x, params):
-            n = x.shape[0]
-            require(n >= 2 * b + 1, "trimmed_mean", "n >= 2b + 1", n=n, f=f, b=b)
+            check(x.shape[0])
             return coordinate_trimmed_mean(x, b, stored=stored)
 
         return fn
 
     def copies_fn(honest, copies, params):
-        n = honest.shape[0] + copies
-        require(n >= 2 * b + 1, "trimmed_mean", "n >= 2b + 1", n=n, f=f, b=b)
+        check(honest.shape[0] + copies)
         return trimmed_mean_with_copies(honest, copies, b)
 
     return _networked(rule, copies_fn)
