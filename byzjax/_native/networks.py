@@ -139,28 +139,33 @@ def bfloat16_width(dtype) -> int:
 
 
 @functools.cache
-def _amd_avx512(width: int) -> bool:
-    """Whether these are AVX-512 loops on an AMD CPU (Zen 4, family 25 model 17,
-    the project's 2-core VM of session 15): there the loops run on order keys
-    (`keyed_exchanges`) and over column blocks at every n (`_blocked`)."""
-    return width == 16 and cpu_info().get("vendor_id") == "AuthenticAMD"
+def _amd() -> bool:
+    """Whether this is an AMD CPU: there the loops run on order keys
+    (`keyed_exchanges`), and with AVX-512 (Zen 4) over column blocks at every n
+    (`_blocked`)."""
+    return cpu_info().get("vendor_id") == "AuthenticAMD"
 
 
 def keyed_exchanges(n: int, width: int, median: bool = False) -> bool:
     """Whether the loops over n rows (the median's if `median`), `width` columns a
-    step, compare-exchange on order keys (`_Loop.ranks`) on this CPU.
+    step, compare-exchange on order keys (`_Loop.ranks`) on this CPU: on AMD's,
+    which run twice as many integer min or max a cycle as float ones (12
+    independent chains, `/tmp` programs: Zen 4 6.4e9 16-lane against 3.2e9 a
+    second on one core, Zen 3 12.8e9 8-lane against 6.4e9).
 
-    AMD Zen 4 runs two 16-lane integer min or max a cycle against one float one
-    (12 independent chains, `/tmp` program: 6.4e9 against 3.2e9 a second on one
-    core). The median of 100 rows from L2 took 1,591 against 1,800-1,950 cycles
-    per 16 columns; at (100, 1e6) float32, alternated, the median 21.9 against
-    24.9 ms, the trimmed mean 26.0 against 30.4, mean around the median 35.5
-    against 37.7; bfloat16 (where the keys replace the range instruction) the
-    median 21.2 against 41.3 ms. At 25 rows the median gained a little (3.15
-    against 3.61 ms at (25, 1e6) bfloat16, 3.6-4.0 against 3.8-4.0 float32),
-    the trimmed mean nothing, and the window mean lost (its check covers every
-    wire)."""
-    return (median or n > FULL_NETWORK_MAX_N) and _amd_avx512(width)
+    Zen 4 (AVX-512): the median of 100 rows from L2 took 1,591 against
+    1,800-1,950 cycles per 16 columns; at (100, 1e6) float32, alternated, the
+    median 21.9 against 24.9 ms, the trimmed mean 26.0 against 30.4, mean around
+    the median 35.5 against 37.7; bfloat16 (where the keys replace the range
+    instruction) the median 21.2 against 41.3 ms. At 25 rows the median gained a
+    little (3.15 against 3.61 ms at (25, 1e6) bfloat16, 3.6-4.0 against 3.8-4.0
+    float32), the trimmed mean nothing, and the window mean lost (its check
+    covers every wire). Zen 3 (AVX2, spill-bound above 32 rows), float32
+    alternated with `ones @ x` (14.3 ms): at (100, 1e6) the median 31.0 against
+    33.3 ms, the trimmed mean 36.1 against 40.2, mean around the median 48.5
+    against 52.9; at (25, 1e6) the median 3.61 against 4.21 ms, the trimmed mean
+    no difference beyond noise."""
+    return (median or n > FULL_NETWORK_MAX_N) and _amd()
 
 
 def _blocked(n: int, width: int) -> bool:
@@ -169,7 +174,7 @@ def _blocked(n: int, width: int) -> bool:
     processes, the median took 3.8-4.0 ms against 4.6-5.3 prefetching each row
     512 bytes ahead, the trimmed mean 3.7-4.1 against 4.5-5.0, the window 4.5
     against 4.9 (`ones @ x` 4.2-4.7 ms)."""
-    return n > FULL_NETWORK_MAX_N or _amd_avx512(width)
+    return n > FULL_NETWORK_MAX_N or (width == 16 and _amd())
 
 
 def _low_wires_first(pairs):
