@@ -703,7 +703,8 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
         # the suite's time (each loop compiles in about 0.6 s).
         pytest.skip("the other width runs on a few shapes")
     x = _network_inputs(n * 1000 + d, n, d, dtype)
-    median = networks.median_source(n, dtype, width)
+    # bfloat16's median on column pairs: its own test below.
+    median = networks.median_source(n, dtype, width, paired=False)
     cases = {"median": (median, nm.coordinate_median)}
     for b in sorted({1, (n - 1) // 2}):
         if n - 2 * b >= 1:
@@ -792,7 +793,10 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
     x[:, 540:580] = -0.0
     x = jnp.asarray(x).astype(dtype)
     cases = {
-        "median": (networks.median_source, nm.coordinate_median),
+        "median": (
+            functools.partial(networks.median_source, paired=False),
+            nm.coordinate_median,
+        ),
         "trimmed mean": (
             functools.partial(networks.trimmed_mean_source, b=b),
             functools.partial(nm.coordinate_trimmed_mean, b=b),
@@ -812,17 +816,20 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
             np.testing.assert_array_equal(_bits(got), want, err_msg=f"{name} {keyed}")
 
 
+@pytest.mark.parametrize("width", [8, 16])
 @pytest.mark.parametrize("n,d", [*NETWORK_SHAPES, (34, 37), (65, 555)])
-def test_bfloat16_median_loop_of_32_columns_gives_the_xla_bits(n, d):
-    # bfloat16's median takes 32 columns a step on 16-bit order keys where the
-    # CPU has AVX-512BW (`_PairLoop`): the shapes of the other loops, blocked
-    # ones above 32 rows (XLA's min/max there, as the keys order zeros), and
-    # columns of zeros of both signs or one, where below 33 rows a step with a
-    # zero median in a column holding a -0 runs again by XLA's selects; NaN of
-    # either sign.
+def test_bfloat16_median_loops_on_column_pairs_give_the_xla_bits(n, d, width):
+    # bfloat16's median takes two columns in each lane of the float loops, on
+    # 16-bit order keys (`_PairLoop`: 16 columns a step with AVX2, 32 with
+    # AVX-512BW): the shapes of the other loops, blocked ones above 32 rows
+    # (XLA's min/max there, as the keys order zeros), and columns of zeros of
+    # both signs or one, where below 33 rows a step with a zero median in a
+    # column holding a -0 runs again by XLA's selects; NaN of either sign.
     from byzjax._native import networks
 
-    if networks.bfloat16_width(jnp.bfloat16) != 32:
+    if width not in _widths_here():
+        pytest.skip(f"this CPU has no {width}-lane loops (AVX-512)")
+    if width == 16 and not networks.pair_loops(jnp.bfloat16):
         pytest.skip("this CPU has no 32-lane bfloat16 loops (AVX-512BW)")
     x = np.array(_network_inputs(n * 1000 + d, n, d, np.float32))
     if d >= 100:
@@ -835,8 +842,8 @@ def test_bfloat16_median_loop_of_32_columns_gives_the_xla_bits(n, d):
         nans = np.float32([np.nan, -np.nan, 1.0, -np.inf])
         x[:, 80:110] = rng.choice(nans, size=(n, 30), p=[0.3, 0.3, 0.2, 0.2])
     x = jnp.asarray(x).astype(jnp.bfloat16)
-    source = networks.median_source(n, jnp.bfloat16)
-    assert "kWidth = 32;" in source
+    source = networks.median_source(n, jnp.bfloat16, width, paired=True)
+    assert f"kWidth = {2 * width};" in source
     got = _jit(lambda x: networks.network_rule(x, source))(x)
     want = _jit(nm.coordinate_median)(x)
     np.testing.assert_array_equal(_bits(got), _bits(want))

@@ -22,8 +22,8 @@ has AVX-512 the loops take 16 columns a step in 32 registers (`native_width`):
 on the 2-core Xeon (family 6 model 207) at (25, 1e6), alternated with the read
 floor (`ones @ x`, 3.5 ms), the median took 2.4 against 3.4 ms with 8 columns a
 step, the trimmed mean 2.4 against 3.8 and the window 2.8 against 5.1.
-bfloat16's median takes 32 columns a step on 16-bit keys where the CPU has
-AVX-512BW (`_PairLoop`).
+bfloat16's median takes two columns in each lane of those loops, on 16-bit
+keys (`_PairLoop`).
 
 A loop is generated per rule, n and its parameters (`median_source`,
 `trimmed_mean_source`, `window_mean_source`, `mean_around_median_source`): the
@@ -128,14 +128,13 @@ def native_width() -> int:
 
 
 @functools.cache
-def bfloat16_width(dtype) -> int:
-    """Columns per step of the median's loop over `dtype` rows: 32 for bfloat16
-    where the CPU has AVX-512BW's 16-bit min and max (`_PairLoop`), else
-    `native_width()`."""
+def pair_loops(dtype) -> bool:
+    """Whether the median's loop over `dtype` rows takes two columns in each
+    32-bit lane of the float loops, on 16-bit order keys (`_PairLoop`): bfloat16,
+    16 columns a step with AVX2's 16-bit min and max, 32 with AVX-512BW's where
+    the loops take AVX-512 (`native_width`)."""
     flags = set(cpu_info().get("flags", "").split())
-    if dtype == jnp.bfloat16 and native_width() == 16 and "avx512bw" in flags:
-        return 32
-    return native_width()
+    return dtype == jnp.bfloat16 and (native_width() == 8 or "avx512bw" in flags)
 
 
 @functools.cache
@@ -534,74 +533,106 @@ constexpr int64_t kWidth = {self.width};  // columns a step
 
 
 class _PairLoop(_Loop):
-    """bfloat16 rows 32 columns a step (AVX-512BW, `bfloat16_width`): the
-    compare-exchanges on 16-bit order keys, two in each 32-bit lane of the
-    float loops, so half their instructions per column; what follows the
-    network on the two 16-column halves widened to float32. Keys put -0 below
-    +0 (XLA's min/max networks, above `SELECT_MAX_N`); for its selects below,
-    the steps with a zero rank in a column that holds a -0 run again by the
-    float loop's exchanges on each half (`ranks`).
+    """bfloat16 rows on 16-bit order keys (`pair_loops`), two columns in each
+    32-bit lane of the float loops of `half` columns a step (8: AVX2, 16:
+    AVX-512BW), so half their instructions per column; what follows the network
+    on the step's two halves widened to float32. Keys put -0 below +0 (XLA's
+    min/max networks, above `SELECT_MAX_N`); for its selects below, the steps
+    with a zero rank in a column that holds a -0 run again by the float loop's
+    exchanges on each half (`ranks`).
 
     On the 2-core Xeon (family 6 model 167), alternated with the 16-column
     loop: the median of (25, 1e6) 1.45-1.49 against 1.69-1.71 ms (the read of
     its bytes 1.65-1.85), of (100, 1e6) 14.6 against 14.9-15.2 ms. In cache on
     one core, 20.5 against 23.6 ns a column at n = 100: nearly the same
     instructions a step for twice the columns, yet the 16-bit min and max run
-    at about half the range instruction's rate there."""
+    at about half the range instruction's rate there. On the 2-core AMD Zen 3
+    (AVX2), whose 16-bit min and max run at the 32-bit ones' rate, alternated
+    with the 8-column loop on int32 keys and a float32 `ones @ x` of the same
+    bytes: the median of (25, 1e6) 3.50 against 5.55 ms (the read 2.81), of
+    (100, 1e6) 19.0 against 29.1 ms (6.2), of (25, 1e5) 0.26 against 0.46 ms,
+    of (100, 1e5) 2.8 against 5.0 ms (0.9)."""
 
     NEGATIVE_ZERO = "(short)0x8000"
 
-    def __init__(self, n: int):
-        super().__init__(n, jnp.bfloat16, 16, keyed=True)
-        self.width, self.vector = 32, "__m512i"
+    def __init__(self, n: int, half: int):
+        super().__init__(n, jnp.bfloat16, half, keyed=True)
+        self.half, self.width = half, 2 * half
+        self.bits = 32 * half  # of a register
+        self.vector, self.floats = f"__m{self.bits}i", f"__m{self.bits}"
+        self.mask = "__mmask32" if half == 16 else self.vector
+
+    def _set(self, bits: str) -> str:
+        return f"{self.prefix}_set1_epi16({bits})"
 
     def raw(self, i: int) -> str:
-        return self.value(f"_mm512_loadu_si512((const uint16_t*)rows[{i}] + k)")
+        ptr = f"(const uint16_t*)rows[{i}] + k"
+        if self.half == 16:
+            return self.value(f"_mm512_loadu_si512({ptr})")
+        return self.value(f"_mm256_loadu_si256((const __m256i*)({ptr}))")
 
     def finite_or_inf(self, a: str) -> str:
-        # NaN where the bits without the sign, shifted out, exceed +Inf's.
-        nan = self.value(
-            f"_mm512_cmpgt_epu16_mask(_mm512_slli_epi16({a}, 1), "
-            "_mm512_set1_epi16((short)0xFF00))",
-            "__mmask32",
-        )
-        return self.value(f"_mm512_mask_mov_epi16({a}, {nan}, inf)")
+        # NaN where the bits without the sign exceed +Inf's.
+        if self.half == 16:
+            nan = self.value(
+                f"_mm512_cmpgt_epu16_mask(_mm512_slli_epi16({a}, 1), "
+                "_mm512_set1_epi16((short)0xFF00))",
+                self.mask,
+            )
+            return self.value(f"_mm512_mask_mov_epi16({a}, {nan}, inf)")
+        magnitude = f"_mm256_and_si256({a}, {self._set('0x7FFF')})"
+        nan = self.value(f"_mm256_cmpgt_epi16({magnitude}, {self._set('0x7F80')})")
+        return self.value(f"_mm256_blendv_epi8({a}, inf, {nan})")
 
     def order_key(self, a: str) -> str:
         """`_Loop.order_key` on 16-bit lanes."""
-        flip = f"_mm512_srli_epi16(_mm512_srai_epi16({a}, 15), 1)"
-        return self.value(f"_mm512_xor_si512({a}, {flip})")
+        p = self.prefix
+        flip = f"{p}_srli_epi16({p}_srai_epi16({a}, 15), 1)"
+        return self.value(f"{p}_xor_si{self.bits}({a}, {flip})")
 
     def exchange(self, a: str, b: str, end: str, ordered: bool, keyed: bool) -> str:
-        return self.value(f"_mm512_{end}_epi16({a}, {b})")
+        return self.value(f"{self.prefix}_{end}_epi16({a}, {b})")
 
     def compare_bits(self, a: str, bits: str) -> str:
-        pair = f"{a}, _mm512_set1_epi16({bits})"
-        return self.value(f"_mm512_cmpeq_epi16_mask({pair})", "__mmask32")
+        pair = f"{a}, {self._set(bits)}"
+        if self.half == 16:
+            return self.value(f"_mm512_cmpeq_epi16_mask({pair})", self.mask)
+        return self.value(f"_mm256_cmpeq_epi16({pair})")
 
     def both(self, m1: str, m2: str) -> str:
-        return self.value(f"_kand_mask32({m1}, {m2})", "__mmask32")
+        if self.half == 16:
+            return self.value(f"_kand_mask32({m1}, {m2})", self.mask)
+        return self.value(f"_mm256_and_si256({m1}, {m2})")
 
     def either(self, m1: str, m2: str) -> str:
-        return self.value(f"_kor_mask32({m1}, {m2})", "__mmask32")
+        if self.half == 16:
+            return self.value(f"_kor_mask32({m1}, {m2})", self.mask)
+        return self.value(f"_mm256_or_si256({m1}, {m2})")
+
+    def any_of(self, mask: str) -> str:
+        if self.half == 16:
+            return f"{mask} != 0"
+        return f"_mm256_movemask_epi8({mask}) != 0"
 
     def _mask_type(self) -> str:
-        return "__mmask32"
+        return self.mask
 
     def _inf(self) -> str:
-        return "const __m512i inf = _mm512_set1_epi16((short)0x7F80);"
+        return f"const {self.vector} inf = {self._set('(short)0x7F80')};"
 
     def ranks(self, pairs, needed, checked, ordered=False) -> list[str | None]:
         r = self.network(pairs, needed, keyed=True)
         if ordered:
             return r
-        zeros = [
-            self.value(
-                f"_mm512_testn_epi16_mask({r[i]}, _mm512_set1_epi16(0x7FFF))",
-                "__mmask32",
-            )
-            for i in checked
-        ]
+        zeros = []
+        for i in checked:  # the lanes of a zero of either sign
+            if self.half == 16:
+                test = f"_mm512_testn_epi16_mask({r[i]}, {self._set('0x7FFF')})"
+                zeros.append(self.value(test, self.mask))
+            else:
+                magnitude = f"_mm256_and_si256({r[i]}, {self._set('0x7FFF')})"
+                zero = "_mm256_setzero_si256()"
+                zeros.append(self.value(f"_mm256_cmpeq_epi16({magnitude}, {zero})"))
         while len(zeros) > 1:
             zeros = [self.either(*zeros[:2]), *zeros[2:]]
         live = sorted(needed)
@@ -622,32 +653,40 @@ class _PairLoop(_Loop):
             halves.append(f"h{j}")
             self.lines.append(f"__m256i h{j}[2];")
         self.lines.append("const int64_t k_step = k;")
+        p = self.prefix
         for part in (0, 1):
-            half = _Loop(self.n, jnp.bfloat16, 16)
+            half = _Loop(self.n, jnp.bfloat16, self.half)
             wires = half.network(pairs, live, wire=half.load)
-            self.lines += ["{", half._inf(), f"const int64_t k = k_step + {16 * part};"]
-            self.lines += half.lines
-            self.lines += [
-                f"{h}[{part}] = _mm512_cvtepi32_epi16(_mm512_srli_epi32("
-                f"_mm512_castps_si512({wires[j]}), 16));"
-                for h, j in zip(halves, live, strict=True)
-            ]
+            k = f"const int64_t k = k_step + {self.half * part};"
+            self.lines += ["{", half._inf(), k, *half.lines]
+            for h, j in zip(halves, live, strict=True):
+                top = f"{p}_srli_epi32({p}_castps_si{self.bits}({wires[j]}), 16)"
+                if self.half == 16:
+                    top = f"_mm512_cvtepi32_epi16({top})"
+                self.lines.append(f"{h}[{part}] = {top};")
             self.lines.append("}")
-        return [
-            self.value(f"_mm512_inserti64x4(_mm512_castsi256_si512({h}[0]), {h}[1], 1)")
-            for h in halves
-        ]
+        if self.half == 16:
+            pack = "_mm512_inserti64x4(_mm512_castsi256_si512({h}[0]), {h}[1], 1)"
+        else:  # packus interleaves the 128-bit lanes of its operands
+            pack = "_mm256_permute4x64_epi64(_mm256_packus_epi32({h}[0], {h}[1]), 0xD8)"
+        return [self.value(pack.format(h=h)) for h in halves]
 
     def widen(self, a: str) -> tuple[str, str]:
-        """The 32 bfloat16 values a as two float32 halves."""
-        parts = (f"_mm512_castsi512_si256({a})", f"_mm512_extracti64x4_epi64({a}, 1)")
-        return tuple(
-            self.value(
-                "_mm512_castsi512_ps(_mm512_slli_epi32("
-                f"_mm512_cvtepu16_epi32({p}), 16))",
-                "__m512",
+        """The step's bfloat16 values a as two float32 halves."""
+        if self.half == 16:
+            parts = (
+                f"_mm512_castsi512_si256({a})",
+                f"_mm512_extracti64x4_epi64({a}, 1)",
             )
-            for p in parts
+        else:
+            parts = (
+                f"_mm256_castsi256_si128({a})",
+                f"_mm256_extracti128_si256({a}, 1)",
+            )
+        p = self.prefix
+        bits = [f"{p}_slli_epi32({p}_cvtepu16_epi32({q}), 16)" for q in parts]
+        return tuple(
+            self.value(f"{p}_castsi{self.bits}_ps({b})", self.floats) for b in bits
         )
 
     def median(self, r: list[str]) -> tuple[str, str]:
@@ -655,17 +694,18 @@ class _PairLoop(_Loop):
         ranks = [self.widen(r[i]) for i in middle_ranks(len(r))]
         if len(ranks) == 1:
             return ranks[0]
+        p = self.prefix
         return tuple(
             self.value(
-                f"_mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_add_ps({a}, {b}))",
-                "__m512",
+                f"{p}_mul_ps({p}_set1_ps(0.5f), {p}_add_ps({a}, {b}))", self.floats
             )
             for a, b in zip(*ranks, strict=True)
         )
 
     def stores(self, out) -> list[str]:
         return [
-            f"_mm512_storeu_ps(out + k + {16 * h}, {v});" for h, v in enumerate(out)
+            f"{self.prefix}_storeu_ps(out + k + {self.half * h}, {v});"
+            for h, v in enumerate(out)
         ]
 
 
@@ -680,13 +720,18 @@ def _new_loop(
 
 
 def median_source(
-    n: int, dtype, width: int | None = None, keyed: bool | None = None
+    n: int,
+    dtype,
+    width: int | None = None,
+    keyed: bool | None = None,
+    paired: bool | None = None,
 ) -> str:
     """`byzjax._numerics.coordinate_median` (n <= `NETWORK_MAX_N`); `width` and
-    `keyed` as `_new_loop` takes them, or width 32 for bfloat16 (`_PairLoop`,
-    this CPU's choice where `bfloat16_width` is 32)."""
-    if (width or bfloat16_width(dtype)) == 32:
-        loop = _PairLoop(n)
+    `keyed` as `_new_loop` takes them; on bfloat16 column pairs (`_PairLoop`,
+    the float loops' `width` each half) where `paired`, this CPU's `pair_loops`
+    unless given."""
+    if pair_loops(dtype) if paired is None else paired:
+        loop = _PairLoop(n, width or native_width())
     else:
         loop = _new_loop(n, dtype, width, keyed, median=True)
     ranks = middle_ranks(n)
