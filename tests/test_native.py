@@ -703,13 +703,13 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
         # the suite's time (each loop compiles in about 0.6 s).
         pytest.skip("the other width runs on a few shapes")
     x = _network_inputs(n * 1000 + d, n, d, dtype)
-    # bfloat16's median on column pairs: its own test below.
+    # bfloat16's median and trimmed mean on column pairs: their own test below.
     median = networks.median_source(n, dtype, width, paired=False)
     cases = {"median": (median, nm.coordinate_median)}
     for b in sorted({1, (n - 1) // 2}):
         if n - 2 * b >= 1:
             cases[f"trimmed {b}"] = (
-                networks.trimmed_mean_source(n, b, dtype, width),
+                networks.trimmed_mean_source(n, b, dtype, width, paired=False),
                 lambda x, b=b: nm.coordinate_trimmed_mean(x, b),
             )
     if dtype == np.float32:
@@ -798,7 +798,7 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
             nm.coordinate_median,
         ),
         "trimmed mean": (
-            functools.partial(networks.trimmed_mean_source, b=b),
+            functools.partial(networks.trimmed_mean_source, b=b, paired=False),
             functools.partial(nm.coordinate_trimmed_mean, b=b),
         ),
         "mean around the median": (
@@ -818,13 +818,14 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
 
 @pytest.mark.parametrize("width", [8, 16])
 @pytest.mark.parametrize("n,d", [*NETWORK_SHAPES, (34, 37), (65, 555)])
-def test_bfloat16_median_loops_on_column_pairs_give_the_xla_bits(n, d, width):
-    # bfloat16's median takes two columns in each lane of the float loops, on
-    # 16-bit order keys (`_PairLoop`: 16 columns a step with AVX2, 32 with
-    # AVX-512BW): the shapes of the other loops, blocked ones above 32 rows
-    # (XLA's min/max there, as the keys order zeros), and columns of zeros of
-    # both signs or one, where below 33 rows a step with a zero median in a
-    # column holding a -0 runs again by XLA's selects; NaN of either sign.
+def test_bfloat16_loops_on_column_pairs_give_the_xla_bits(n, d, width):
+    # bfloat16's median and trimmed mean take two columns in each lane of the
+    # float loops, on 16-bit order keys (`_PairLoop`: 16 columns a step with
+    # AVX2, 32 with AVX-512BW), then their arithmetic on each half: the shapes
+    # of the other loops, blocked ones above 32 rows (XLA's min/max there, as
+    # the keys order zeros), and columns of zeros of both signs or one, where
+    # below 33 rows a step with a zero rank used in a column holding a -0 runs
+    # again by XLA's selects; NaN of either sign.
     from byzjax._native import networks
 
     if width not in _widths_here():
@@ -842,11 +843,19 @@ def test_bfloat16_median_loops_on_column_pairs_give_the_xla_bits(n, d, width):
         nans = np.float32([np.nan, -np.nan, 1.0, -np.inf])
         x[:, 80:110] = rng.choice(nans, size=(n, 30), p=[0.3, 0.3, 0.2, 0.2])
     x = jnp.asarray(x).astype(jnp.bfloat16)
-    source = networks.median_source(n, jnp.bfloat16, width, paired=True)
-    assert f"kWidth = {2 * width};" in source
-    got = _jit(lambda x: networks.network_rule(x, source))(x)
-    want = _jit(nm.coordinate_median)(x)
-    np.testing.assert_array_equal(_bits(got), _bits(want))
+    cases = {"median": (networks.median_source, nm.coordinate_median)}
+    for b in sorted({1, (n - 1) // 2}):
+        if n - 2 * b >= 1:
+            cases[f"trimmed {b}"] = (
+                functools.partial(networks.trimmed_mean_source, b=b),
+                functools.partial(nm.coordinate_trimmed_mean, b=b),
+            )
+    for name, (make, xla_form) in cases.items():
+        source = make(n=n, dtype=jnp.bfloat16, width=width, paired=True)
+        assert f"kWidth = {2 * width};" in source
+        got = _jit(lambda x, s=source: networks.network_rule(x, s))(x)
+        want = _jit(xla_form)(x)
+        np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=name)
 
 
 @pytest.mark.parametrize(

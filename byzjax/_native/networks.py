@@ -93,15 +93,15 @@ _BLOCKED_FLAGS = ("-O3", "-march=native")
 # Row i's `width` values from rows[i] + k as float32: a bfloat16 widened by a
 # shift of its bits.
 _LOAD = {
-    (jnp.float32, 8): "_mm256_loadu_ps((const float*)rows[{i}] + k)",
+    (jnp.float32, 8): "_mm256_loadu_ps((const float*)rows[{i}] + {k})",
     (jnp.bfloat16, 8): (
         "_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32("
-        "_mm_loadu_si128((const __m128i*)((const uint16_t*)rows[{i}] + k))), 16))"
+        "_mm_loadu_si128((const __m128i*)((const uint16_t*)rows[{i}] + {k}))), 16))"
     ),
-    (jnp.float32, 16): "_mm512_loadu_ps((const float*)rows[{i}] + k)",
+    (jnp.float32, 16): "_mm512_loadu_ps((const float*)rows[{i}] + {k})",
     (jnp.bfloat16, 16): (
         "_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32("
-        "_mm256_loadu_si256((const __m256i*)((const uint16_t*)rows[{i}] + k))), 16))"
+        "_mm256_loadu_si256((const __m256i*)((const uint16_t*)rows[{i}] + {k}))), 16))"
     ),
 }
 WIDTHS = (8, 16)
@@ -129,8 +129,9 @@ def native_width() -> int:
 
 @functools.cache
 def pair_loops(dtype) -> bool:
-    """Whether the median's loop over `dtype` rows takes two columns in each
-    32-bit lane of the float loops, on 16-bit order keys (`_PairLoop`): bfloat16,
+    """Whether the median's and trimmed mean's loops over `dtype` rows take two
+    columns in each 32-bit lane of the float loops, on 16-bit order keys
+    (`_PairLoop`): bfloat16,
     16 columns a step with AVX2's 16-bit min and max, 32 with AVX-512BW's where
     the loops take AVX-512 (`native_width`)."""
     flags = set(cpu_info().get("flags", "").split())
@@ -222,9 +223,12 @@ class _Loop:
         self.prefix = {8: "_mm256", 16: "_mm512"}[width]
         self.vector = {8: "__m256", 16: "__m512"}[width]
         self.blocked = _blocked(n, width)  # see `_BLOCK_BYTES`
+        # The step's first column, the values' names and +Inf's: another for the
+        # float loops over the halves of a `_PairLoop`'s step (`in_floats`).
+        self.column, self.tag, self.inf = "k", "v", "inf"
 
     def value(self, expr: str, kind: str | None = None) -> str:
-        name = f"v{self.count}"
+        name = f"{self.tag}{self.count}"
         self.count += 1
         self.lines.append(f"const {kind or self.vector} {name} = {expr};")
         return name
@@ -249,12 +253,12 @@ class _Loop:
 
     def raw(self, i: int) -> str:
         """Row i's values as they are."""
-        return self.value(_LOAD[self.dtype, self.width].format(i=i))
+        return self.value(_LOAD[self.dtype, self.width].format(i=i, k=self.column))
 
     def finite_or_inf(self, a: str) -> str:
         """a with NaN as +Inf, in one instruction: min(x, +Inf) is x for x < +Inf,
         else its second operand."""
-        return self.op("min_ps", a, "inf")
+        return self.op("min_ps", a, self.inf)
 
     def clip(self, a: str, lo: str, hi: str) -> str:
         """`jnp.clip(a, lo, hi)` (NaN-free), up to the signs of zeros: XLA's max
@@ -357,7 +361,15 @@ class _Loop:
         return "__mmask16" if self.width == 16 else self.vector
 
     def _inf(self) -> str:
-        return f"const {self.vector} inf = {self.prefix}_set1_ps(__builtin_inff());"
+        return f"const {self.vector} {self.inf} = {self._float_inf()};"
+
+    def _float_inf(self) -> str:
+        return f"{self.prefix}_set1_ps(__builtin_inff())"
+
+    def in_floats(self, make, wires: list[str]):
+        """`make(loop, wires)`: the arithmetic after a network, on float32 wires
+        (a `_PairLoop` does it on each half of its step)."""
+        return make(self, wires)
 
     def branch(self, condition: str, then, otherwise) -> str:
         """`then()` where `condition` holds, else `otherwise()`: each emits its
@@ -485,12 +497,14 @@ class _Loop:
         inverse = float(np.float32(1.0 / count)).hex()
         return self.op("mul_ps", total, f"{self.prefix}_set1_ps({inverse}f)")
 
-    def median(self, r: list[str]) -> str:
-        ranks = middle_ranks(len(r))
-        if len(ranks) == 1:
-            return r[ranks[0]]
-        pair = self.op("add_ps", r[ranks[0]], r[ranks[1]])
-        return self.op("mul_ps", f"{self.prefix}_set1_ps(0.5f)", pair)
+    def median(self, r: list[str]):
+        def middle(f, ranks):
+            if len(ranks) == 1:
+                return ranks[0]
+            pair = f.op("add_ps", *ranks)
+            return f.op("mul_ps", f"{f.prefix}_set1_ps(0.5f)", pair)
+
+        return self.in_floats(middle, [r[i] for i in middle_ranks(len(r))])
 
     def stores(self, out: str) -> list[str]:
         """The lines that store the step's result `out` (float32)."""
@@ -618,7 +632,24 @@ class _PairLoop(_Loop):
         return self.mask
 
     def _inf(self) -> str:
-        return f"const {self.vector} inf = {self._set('(short)0x7F80')};"
+        # +Inf's bits for the network, and the float one for `in_floats`.
+        return (
+            f"const {self.vector} inf = {self._set('(short)0x7F80')};\n"
+            f"  const {self.floats} finf = {self._float_inf()};"
+        )
+
+    def in_floats(self, make, wires: list[str]) -> tuple[str, str]:
+        """`make` on a float loop over each half of the step, which loads its rows'
+        values from its half, and on the wires' values there."""
+        halves = zip(*(self.widen(w) for w in wires), strict=True)
+        return tuple(make(self._half(part), list(v)) for part, v in enumerate(halves))
+
+    def _half(self, part: int) -> _Loop:
+        """A float loop over half `part` of the step, its lines in this loop's."""
+        f = _Loop(self.n, jnp.bfloat16, self.half)
+        f.lines, f.inf = self.lines, "finf"
+        f.column, f.tag = f"k + {self.half * part}", f"f{part}_"
+        return f
 
     def ranks(self, pairs, needed, checked, ordered=False) -> list[str | None]:
         r = self.network(pairs, needed, keyed=True)
@@ -648,28 +679,21 @@ class _PairLoop(_Loop):
         """The `live` wires after `pairs` by the float loop's selects, each half
         of the step on its own, packed back to bfloat16 bits (exact: every wire
         holds a row's value)."""
-        halves = []
-        for j in live:
-            halves.append(f"h{j}")
-            self.lines.append(f"__m256i h{j}[2];")
-        self.lines.append("const int64_t k_step = k;")
-        p = self.prefix
+        p, tops = self.prefix, []
         for part in (0, 1):
-            half = _Loop(self.n, jnp.bfloat16, self.half)
+            half = self._half(part)
             wires = half.network(pairs, live, wire=half.load)
-            k = f"const int64_t k = k_step + {self.half * part};"
-            self.lines += ["{", half._inf(), k, *half.lines]
-            for h, j in zip(halves, live, strict=True):
+            tops.append([])
+            for j in live:
                 top = f"{p}_srli_epi32({p}_castps_si{self.bits}({wires[j]}), 16)"
                 if self.half == 16:
                     top = f"_mm512_cvtepi32_epi16({top})"
-                self.lines.append(f"{h}[{part}] = {top};")
-            self.lines.append("}")
+                tops[part].append(half.value(top, "__m256i"))
         if self.half == 16:
-            pack = "_mm512_inserti64x4(_mm512_castsi256_si512({h}[0]), {h}[1], 1)"
+            pack = "_mm512_inserti64x4(_mm512_castsi256_si512({}), {}, 1)"
         else:  # packus interleaves the 128-bit lanes of its operands
-            pack = "_mm256_permute4x64_epi64(_mm256_packus_epi32({h}[0], {h}[1]), 0xD8)"
-        return [self.value(pack.format(h=h)) for h in halves]
+            pack = "_mm256_permute4x64_epi64(_mm256_packus_epi32({}, {}), 0xD8)"
+        return [self.value(pack.format(*h)) for h in zip(*tops, strict=True)]
 
     def widen(self, a: str) -> tuple[str, str]:
         """The step's bfloat16 values a as two float32 halves."""
@@ -689,19 +713,6 @@ class _PairLoop(_Loop):
             self.value(f"{p}_castsi{self.bits}_ps({b})", self.floats) for b in bits
         )
 
-    def median(self, r: list[str]) -> tuple[str, str]:
-        """`_Loop.median`, on each half."""
-        ranks = [self.widen(r[i]) for i in middle_ranks(len(r))]
-        if len(ranks) == 1:
-            return ranks[0]
-        p = self.prefix
-        return tuple(
-            self.value(
-                f"{p}_mul_ps({p}_set1_ps(0.5f), {p}_add_ps({a}, {b}))", self.floats
-            )
-            for a, b in zip(*ranks, strict=True)
-        )
-
     def stores(self, out) -> list[str]:
         return [
             f"{self.prefix}_storeu_ps(out + k + {self.half * h}, {v});"
@@ -719,6 +730,16 @@ def _new_loop(
     return _Loop(n, dtype, width, keyed)
 
 
+def _pair_or_new_loop(
+    n: int, dtype, width, keyed, paired, median: bool = False
+) -> _Loop:
+    """A loop on bfloat16 column pairs (`_PairLoop`, the float loops' `width` each
+    half) where `paired`, this CPU's `pair_loops` unless given; else `_new_loop`'s."""
+    if pair_loops(dtype) if paired is None else paired:
+        return _PairLoop(n, width or native_width())
+    return _new_loop(n, dtype, width, keyed, median)
+
+
 def median_source(
     n: int,
     dtype,
@@ -727,13 +748,8 @@ def median_source(
     paired: bool | None = None,
 ) -> str:
     """`byzjax._numerics.coordinate_median` (n <= `NETWORK_MAX_N`); `width` and
-    `keyed` as `_new_loop` takes them; on bfloat16 column pairs (`_PairLoop`,
-    the float loops' `width` each half) where `paired`, this CPU's `pair_loops`
-    unless given."""
-    if pair_loops(dtype) if paired is None else paired:
-        loop = _PairLoop(n, width or native_width())
-    else:
-        loop = _new_loop(n, dtype, width, keyed, median=True)
+    `keyed` as `_new_loop` takes them, `paired` as `_pair_or_new_loop`."""
+    loop = _pair_or_new_loop(n, dtype, width, keyed, paired, median=True)
     ranks = middle_ranks(n)
     r = loop.ranks(batcher_pairs(n), ranks, ranks, ordered=_ordered(n, dtype))
     return loop.source(loop.median(r))
@@ -746,25 +762,37 @@ def _ordered(n: int, dtype) -> bool:
 
 
 def trimmed_mean_source(
-    n: int, b: int, dtype, width: int | None = None, keyed: bool | None = None
+    n: int,
+    b: int,
+    dtype,
+    width: int | None = None,
+    keyed: bool | None = None,
+    paired: bool | None = None,
 ) -> str:
     """`byzjax._numerics.coordinate_trimmed_mean` (b >= 1). Up to 32 rows the
     middle set off the partition network, summed as a tree; above (n <=
     `NETWORK_MAX_N`), XLA's clip form: the ranks b and n - b - 1 off the
-    median's kind of network, then every row clipped to them and summed."""
-    loop = _new_loop(n, dtype, width, keyed)
+    median's kind of network, then every row clipped to them and summed.
+    `width`, `keyed` and `paired` as `median_source` takes them."""
+    loop = _pair_or_new_loop(n, dtype, width, keyed, paired)
     if n <= FULL_NETWORK_MAX_N:
         middle = range(b, n - b)
         r = loop.ranks(partition_pairs(n, (b, n - b)), middle, middle)
-        return loop.source(loop.mean(loop.sum_tree([r[i] for i in middle]), n - 2 * b))
+
+        def trimmed(f, wires):
+            return f.mean(f.sum_tree(wires), n - 2 * b)
+
+        return loop.source(loop.in_floats(trimmed, [r[i] for i in middle]))
     cuts = (b, n - b - 1)
     r = loop.ranks(batcher_pairs(n), cuts, cuts, ordered=_ordered(n, dtype))
-    lo, hi = r[b], r[n - b - 1]
-    total = loop.sum_tree([loop.clip(loop.load(i), lo, hi) for i in range(n)])
-    ends = loop.op(
-        "mul_ps", loop.op("add_ps", lo, hi), f"{loop.prefix}_set1_ps({b}.0f)"
-    )
-    return loop.source(loop.mean(loop.op("sub_ps", total, ends), n - 2 * b))
+
+    def clipped(f, ends):
+        lo, hi = ends
+        total = f.sum_tree([f.clip(f.load(i), lo, hi) for i in range(n)])
+        twice = f.op("mul_ps", f.op("add_ps", lo, hi), f"{f.prefix}_set1_ps({b}.0f)")
+        return f.mean(f.op("sub_ps", total, twice), n - 2 * b)
+
+    return loop.source(loop.in_floats(clipped, [r[b], r[n - b - 1]]))
 
 
 def mean_around_median_source(
