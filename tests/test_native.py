@@ -802,7 +802,7 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
             functools.partial(nm.coordinate_trimmed_mean, b=b),
         ),
         "mean around the median": (
-            functools.partial(networks.mean_around_median_source, k=k),
+            functools.partial(networks.mean_around_median_source, k=k, paired=False),
             functools.partial(nm.coordinate_mean_around_median, k=k),
         ),
     }
@@ -819,9 +819,10 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
 @pytest.mark.parametrize("width", [8, 16])
 @pytest.mark.parametrize("n,d", [*NETWORK_SHAPES, (34, 37), (65, 555)])
 def test_bfloat16_loops_on_column_pairs_give_the_xla_bits(n, d, width):
-    # bfloat16's median and trimmed mean take two columns in each lane of the
-    # float loops, on 16-bit order keys (`_PairLoop`: 16 columns a step with
-    # AVX2, 32 with AVX-512BW), then their arithmetic on each half: the shapes
+    # bfloat16's median, trimmed mean and mean around the median take two
+    # columns in each lane of the float loops, on 16-bit order keys
+    # (`_PairLoop`: 16 columns a step with AVX2, 32 with AVX-512BW), then their
+    # arithmetic on each half: the shapes
     # of the other loops, blocked ones above 32 rows (XLA's min/max there, as
     # the keys order zeros), and columns of zeros of both signs or one, where
     # below 33 rows a step with a zero rank used in a column holding a -0 runs
@@ -850,6 +851,11 @@ def test_bfloat16_loops_on_column_pairs_give_the_xla_bits(n, d, width):
                 functools.partial(networks.trimmed_mean_source, b=b),
                 functools.partial(nm.coordinate_trimmed_mean, b=b),
             )
+    for k in sorted({(n + 1) // 2, n}):
+        cases[f"mean around the median {k}"] = (
+            functools.partial(networks.mean_around_median_source, k=k),
+            functools.partial(nm.coordinate_mean_around_median, k=k),
+        )
     for name, (make, xla_form) in cases.items():
         source = make(n=n, dtype=jnp.bfloat16, width=width, paired=True)
         assert f"kWidth = {2 * width};" in source

@@ -338,7 +338,7 @@ class _Loop:
         )
         names = []
         for v in values:
-            names.append(f"v{self.count}")
+            names.append(f"{self.tag}{self.count}")
             self.count += 1
             self.lines.append(f"{self.vector} {names[-1]} = {v};")
         self.lines.append(f"if (__builtin_expect({self.any_of(zeros)}, 0)) {{")
@@ -374,7 +374,7 @@ class _Loop:
     def branch(self, condition: str, then, otherwise) -> str:
         """`then()` where `condition` holds, else `otherwise()`: each emits its
         lines in its own block and returns its value."""
-        result = f"v{self.count}"
+        result = f"{self.tag}{self.count}"
         self.count += 1
         self.lines.append(f"{self.vector} {result};")
         for head, make in ((f"if ({condition}) {{", then), ("} else {", otherwise)):
@@ -796,7 +796,12 @@ def trimmed_mean_source(
 
 
 def mean_around_median_source(
-    n: int, k: int, dtype, width: int | None = None, keyed: bool | None = None
+    n: int,
+    k: int,
+    dtype,
+    width: int | None = None,
+    keyed: bool | None = None,
+    paired: bool | None = None,
 ) -> str:
     """`byzjax._numerics.coordinate_mean_around(x, coordinate_median(x), k)`
     (n <= `NETWORK_MAX_N`; bfloat16 rows widened as XLA's forms widen them):
@@ -813,93 +818,101 @@ def mean_around_median_source(
     ends: min over a of max(|s_a - m|, |s_(a+k-1) - m|). Only the ranks at the
     windows' ends, below n - k + 1 and from k - 1 up, and the median's are
     needed: at (100, k = 76) 1,030 compare-exchanges instead of the 898 of the
-    median plus 890 of a second network over the deviations."""
-    loop = _new_loop(n, dtype, width, keyed)
+    median plus 890 of a second network over the deviations. `width`, `keyed`
+    and `paired` as `median_source` takes them."""
+    network = _pair_or_new_loop(n, dtype, width, keyed, paired)
     ends = sorted({*range(n - k + 1), *range(k - 1, n)})
     # The deviations' bits do not depend on the signs of zeros at the ends, given
     # the median's: |(+-0) - m| is |m| for m != 0, else +0.
     needed = sorted({*ends, *middle_ranks(n)})
-    r = loop.ranks(batcher_pairs(n), needed, middle_ranks(n))
-    m = loop.median(r)
+    r = network.ranks(batcher_pairs(n), needed, middle_ranks(n))
 
-    def distance(v):
-        return loop.magnitude(loop.op("sub_ps", v, m))
+    def around(loop, values):
+        wire: list[str | None] = [None] * n
+        for j, v in zip(needed, values, strict=True):
+            wire[j] = v
+        m = loop.median(wire)
 
-    def deviation_of(v):
-        return loop.finite_or_inf(distance(v))
+        def distance(v):
+            return loop.magnitude(loop.op("sub_ps", v, m))
 
-    def deviation(i):
-        return deviation_of(loop.raw(i))
+        def deviation_of(v):
+            return loop.finite_or_inf(distance(v))
 
-    sorted_deviation = {j: deviation_of(r[j]) for j in ends}
+        def deviation(i):
+            return deviation_of(loop.raw(i))
 
-    def smallest(rank):
-        """The (rank + 1)-th smallest deviation, off the windows of rank + 1."""
-        least = None
-        for a in range(n - rank):
-            end = loop.op("max_ps", sorted_deviation[a], sorted_deviation[a + rank])
-            least = end if least is None else loop.op("min_ps", least, end)
-        return least
+        sorted_deviation = {j: deviation_of(wire[j]) for j in ends}
 
-    delta = smallest(k - 1)
-    zero = f"{loop.prefix}_setzero_ps()"
+        def smallest(rank):
+            """The (rank + 1)-th smallest deviation, off the windows of rank + 1."""
+            least = None
+            for a in range(n - rank):
+                end = loop.op("max_ps", sorted_deviation[a], sorted_deviation[a + rank])
+                least = end if least is None else loop.op("min_ps", least, end)
+            return least
 
-    def in_order(terms):
-        # XLA drops the + 0 its form starts from: -0 terms alone sum to -0.
-        total = terms[0]
-        for term in terms[1:]:
-            total = loop.op("add_ps", total, term)
-        return loop.mean(total, k)
+        delta = smallest(k - 1)
+        zero = f"{loop.prefix}_setzero_ps()"
 
-    def within_delta():
-        return in_order(
-            [
-                loop.masked(
-                    loop.compare(deviation(i), delta, "_CMP_LE_OQ"), loop.raw(i)
-                )
-                for i in range(n)
-            ]
-        )
+        def in_order(terms):
+            # XLA drops the + 0 its form starts from: -0 terms alone sum to -0.
+            total = terms[0]
+            for term in terms[1:]:
+                total = loop.op("add_ps", total, term)
+            return loop.mean(total, k)
 
-    if k == n:
-        return loop.source(within_delta())
-    one = f"{loop.prefix}_set1_ps(1.0f)"
-
-    def in_worker_order():
-        room = f"{loop.prefix}_set1_ps({k}.0f)"
-        for i in range(n):
-            closer = loop.compare(deviation(i), delta, "_CMP_LT_OQ")
-            room = loop.op("sub_ps", room, loop.masked(closer, one))
-        taken = []
-        for i in range(n):
-            dev = deviation(i)
-            closer = loop.compare(dev, delta, "_CMP_LT_OQ")
-            tie = loop.both(
-                loop.compare(dev, delta, "_CMP_EQ_OQ"),
-                loop.compare(room, zero, "_CMP_GT_OQ"),
+        def within_delta():
+            return in_order(
+                [
+                    loop.masked(
+                        loop.compare(deviation(i), delta, "_CMP_LE_OQ"), loop.raw(i)
+                    )
+                    for i in range(n)
+                ]
             )
-            taken.append(loop.masked(loop.either(closer, tie), loop.raw(i)))
-            room = loop.op("sub_ps", room, loop.masked(tie, one))
-        return in_order(taken)
 
-    def within_finite_delta():
-        # delta < the (k+1)-th deviation, so finite in every column: a NaN
-        # deviation compares false as the +Inf it stands for does, and the masked
-        # adds skip the rows out of delta where XLA adds their +0. The totals
-        # differ only where a total is zero (-0 kept here, +0 there), so steps
-        # with a zero total take XLA's form instead.
-        total = None
-        for i in range(n):
-            within = loop.compare(distance(loop.raw(i)), delta, "_CMP_LE_OQ")
-            if total is None:
-                total = loop.masked(within, loop.raw(i))
-            else:
-                total = loop.masked_add(total, within, loop.raw(i))
-        nonzero = loop.all_of(loop.compare(total, zero, "_CMP_NEQ_UQ"))
-        return loop.branch(nonzero, lambda: loop.mean(total, k), within_delta)
+        if k == n:
+            return within_delta()
+        one = f"{loop.prefix}_set1_ps(1.0f)"
 
-    untied = loop.all_of(loop.compare(smallest(k), delta, "_CMP_GT_OQ"))
-    return loop.source(loop.branch(untied, within_finite_delta, in_worker_order))
+        def in_worker_order():
+            room = f"{loop.prefix}_set1_ps({k}.0f)"
+            for i in range(n):
+                closer = loop.compare(deviation(i), delta, "_CMP_LT_OQ")
+                room = loop.op("sub_ps", room, loop.masked(closer, one))
+            taken = []
+            for i in range(n):
+                dev = deviation(i)
+                closer = loop.compare(dev, delta, "_CMP_LT_OQ")
+                tie = loop.both(
+                    loop.compare(dev, delta, "_CMP_EQ_OQ"),
+                    loop.compare(room, zero, "_CMP_GT_OQ"),
+                )
+                taken.append(loop.masked(loop.either(closer, tie), loop.raw(i)))
+                room = loop.op("sub_ps", room, loop.masked(tie, one))
+            return in_order(taken)
+
+        def within_finite_delta():
+            # delta < the (k+1)-th deviation, so finite in every column: a NaN
+            # deviation compares false as the +Inf it stands for does, and the masked
+            # adds skip the rows out of delta where XLA adds their +0. The totals
+            # differ only where a total is zero (-0 kept here, +0 there), so steps
+            # with a zero total take XLA's form instead.
+            total = None
+            for i in range(n):
+                within = loop.compare(distance(loop.raw(i)), delta, "_CMP_LE_OQ")
+                if total is None:
+                    total = loop.masked(within, loop.raw(i))
+                else:
+                    total = loop.masked_add(total, within, loop.raw(i))
+            nonzero = loop.all_of(loop.compare(total, zero, "_CMP_NEQ_UQ"))
+            return loop.branch(nonzero, lambda: loop.mean(total, k), within_delta)
+
+        untied = loop.all_of(loop.compare(smallest(k), delta, "_CMP_GT_OQ"))
+        return loop.branch(untied, within_finite_delta, in_worker_order)
+
+    return network.source(network.in_floats(around, [r[j] for j in needed]))
 
 
 def window_mean_source(n: int, k: int, width: int | None = None) -> str:
