@@ -645,10 +645,12 @@ class _PairLoop(_Loop):
         return tuple(make(self._half(part), list(v)) for part, v in enumerate(halves))
 
     def _half(self, part: int) -> _Loop:
-        """A float loop over half `part` of the step, its lines in this loop's."""
+        """A float loop over half `part` of the step, its lines in this loop's (its
+        values named apart from every other's)."""
         f = _Loop(self.n, jnp.bfloat16, self.half)
         f.lines, f.inf = self.lines, "finf"
-        f.column, f.tag = f"k + {self.half * part}", f"f{part}_"
+        f.column, f.tag = f"k + {self.half * part}", f"f{self.count}_{part}_"
+        self.count += 1
         return f
 
     def ranks(self, pairs, needed, checked, ordered=False) -> list[str | None]:
