@@ -795,8 +795,9 @@ def trimmed_mean_source(
     def clipped(f, ends):
         lo, hi = ends
         total = f.sum_tree([f.clip(f.load(i), lo, hi) for i in range(n)])
-        twice = f.op("mul_ps", f.op("add_ps", lo, hi), f"{f.prefix}_set1_ps({b}.0f)")
-        return f.mean(f.op("sub_ps", total, twice), n - 2 * b)
+        # The b rows clipped to each end, taken back out.
+        ends = f.op("mul_ps", f.op("add_ps", lo, hi), f"{f.prefix}_set1_ps({b}.0f)")
+        return f.mean(f.op("sub_ps", total, ends), n - 2 * b)
 
     return loop.source(loop.in_floats(clipped, [r[b], r[n - b - 1]]))
 
