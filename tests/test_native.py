@@ -703,7 +703,7 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
         # the suite's time (each loop compiles in about 0.6 s).
         pytest.skip("the other width runs on a few shapes")
     x = _network_inputs(n * 1000 + d, n, d, dtype)
-    # bfloat16's median and trimmed mean on column pairs: their own test below.
+    # bfloat16's loops on column pairs: their own test below.
     median = networks.median_source(n, dtype, width, paired=False)
     cases = {"median": (median, nm.coordinate_median)}
     for b in sorted({1, (n - 1) // 2}):
@@ -822,11 +822,11 @@ def test_bfloat16_loops_on_column_pairs_give_the_xla_bits(n, d, width):
     # bfloat16's median, trimmed mean and mean around the median take two
     # columns in each lane of the float loops, on 16-bit order keys
     # (`_PairLoop`: 16 columns a step with AVX2, 32 with AVX-512BW), then their
-    # arithmetic on each half: the shapes
-    # of the other loops, blocked ones above 32 rows (XLA's min/max there, as
-    # the keys order zeros), and columns of zeros of both signs or one, where
-    # below 33 rows a step with a zero rank used in a column holding a -0 runs
-    # again by XLA's selects; NaN of either sign.
+    # arithmetic on each half: the shapes of the other loops, blocked ones above
+    # 32 rows (XLA's min/max there, as the keys order zeros), and columns of
+    # zeros of both signs or one, where below 33 rows a step with a zero rank
+    # used in a column holding a -0 runs again by XLA's selects; NaN of either
+    # sign.
     from byzjax._native import networks
 
     if width not in _widths_here():
