@@ -22,8 +22,8 @@ has AVX-512 the loops take 16 columns a step in 32 registers (`native_width`):
 on the 2-core Xeon (family 6 model 207) at (25, 1e6), alternated with the read
 floor (`ones @ x`, 3.5 ms), the median took 2.4 against 3.4 ms with 8 columns a
 step, the trimmed mean 2.4 against 3.8 and the window 2.8 against 5.1.
-bfloat16's median takes two columns in each lane of those loops, on 16-bit
-keys (`_PairLoop`).
+bfloat16's median (and with AVX2 its trimmed mean and mean around the median)
+takes two columns in each lane of those loops, on 16-bit keys (`_PairLoop`).
 
 A loop is generated per rule, n and its parameters (`median_source`,
 `trimmed_mean_source`, `window_mean_source`, `mean_around_median_source`): the
@@ -90,8 +90,8 @@ _FLAGS = {
 }
 _BLOCKED_FLAGS = ("-O3", "-march=native")
 
-# Row i's `width` values from rows[i] + k as float32: a bfloat16 widened by a
-# shift of its bits.
+# Row i's `width` values from column {k} of rows[i] as float32: a bfloat16
+# widened by a shift of its bits.
 _LOAD = {
     (jnp.float32, 8): "_mm256_loadu_ps((const float*)rows[{i}] + {k})",
     (jnp.bfloat16, 8): (
@@ -584,7 +584,7 @@ class _PairLoop(_Loop):
         return f"{self.prefix}_set1_epi16({bits})"
 
     def raw(self, i: int) -> str:
-        ptr = f"(const uint16_t*)rows[{i}] + k"
+        ptr = f"(const uint16_t*)rows[{i}] + {self.column}"
         if self.half == 16:
             return self.value(f"_mm512_loadu_si512({ptr})")
         return self.value(f"_mm256_loadu_si256((const __m256i*)({ptr}))")
