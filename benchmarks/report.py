@@ -89,7 +89,8 @@ def load(name: str, results: str = os.path.join(HERE, "results")) -> list[dict]:
                 continue
             r = json.loads(line)
             key = (machine(r),) + tuple(
-                r.get(k) for k in ("kind", "name", "rule", "n", "d", "dtype", "attack")
+                r.get(k)
+                for k in ("kind", "name", "rule", "n", "d", "dtype", "attack", "input")
             )
             if name in BY_MALLOC:
                 key += (_malloc(r),)
@@ -156,6 +157,22 @@ def aggregator_tables(rows) -> list[str]:
             )
         out.append("")
     return out
+
+
+def loop_form_table(rows) -> list[str]:
+    out = [
+        "| choice | rule | n | d | dtype | input | on ms | off ms | read ms "
+        "| on / off | taken here |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['name']} | `{r['rule']}` | {r['n']} | {r['d']:.0e} | {r['dtype']} "
+            f"| {r['input']} | {r['on_s'] * 1e3:.2f} | {r['off_s'] * 1e3:.2f} "
+            f"| {r['floor_s'] * 1e3:.2f} | {r['ratio']:.2f} "
+            f"| {'yes' if r['taken'] else 'no'} |"
+        )
+    return out + [""]
 
 
 def vmap_table(rows) -> list[str]:
@@ -298,6 +315,7 @@ def render() -> str:
             "train_step.jsonl",
             "ablations.jsonl",
             "vmapped.jsonl",
+            "loop_forms.jsonl",
         )
     ]
     machines = _machines(*files)
@@ -335,7 +353,7 @@ def _anchor(title: str) -> str:
     return kept.replace(" ", "-")
 
 
-def render_machine(agg, byzfl, train, ablations, vmapped) -> list[str]:
+def render_machine(agg, byzfl, train, ablations, vmapped, loop_forms) -> list[str]:
     """The section of one machine: its hardware, targets and tables."""
     any_row = (agg or byzfl or train or [{}])[0]
     hw = (
@@ -411,6 +429,22 @@ def render_machine(agg, byzfl, train, ablations, vmapped) -> list[str]:
     ]
     lines += _commands(ablations)
     lines += ablation_table(ablations)
+    if loop_forms:
+        lines += [
+            "### The loops' CPU-dependent forms (same run, alternated)",
+            "",
+            "Each coordinate-wise rule's generated loop with a form on and off "
+            "(the same bits), alternated call by call with a float32 read of the "
+            "input's bytes (`read ms`): `column pairs`, bfloat16 rows two columns "
+            "to a 32-bit lane on 16-bit order keys (`networks.pair_loops`); `order "
+            "keys`, float32 networks on integer keys (`networks.keyed_exchanges`). "
+            "`taken here`: the form this CPU runs. Inputs: Gaussian rows; half the "
+            "columns +0 (`zeros`); those with a -0 in every 64th column (`signed "
+            "zeros`, where a step is redone by float exchanges). Commands:",
+            "",
+        ]
+        lines += _commands(loop_forms)
+        lines += loop_form_table(loop_forms)
     return lines + [""]
 
 

@@ -128,18 +128,26 @@ def native_width() -> int:
 
 
 @functools.cache
-def pair_loops(dtype, median: bool = False) -> bool:
-    """Whether the loops over `dtype` rows (the median's if `median`) take two
-    columns in each 32-bit lane of the float loops, on 16-bit order keys
-    (`_PairLoop`): bfloat16, 16 columns a step with AVX2's 16-bit min and max
-    (the median, trimmed mean and mean around the median, measured faster on
-    the Zen 3), 32 with AVX-512BW's where the loops take AVX-512 (the median:
-    the trimmed mean's and mean around the median's pair forms have not run on
-    such a CPU, so they keep the 16-column loops there)."""
+def pair_loops(dtype, rule: str) -> bool:
+    """Whether the loops of `rule` ("median", "trimmed_mean" or
+    "mean_around_median") over `dtype` rows take two columns in each 32-bit lane
+    of the float loops, on 16-bit order keys (`_PairLoop`): bfloat16, 16 columns a
+    step with AVX2's 16-bit min and max (all three rules, measured faster on the
+    Zen 3), 32 with AVX-512BW's where the loops take AVX-512.
+
+    With AVX-512BW, alternated against the 16-column loops (session 23, Zen 4):
+    the median 0.57-0.68x the time (the Xeon: 0.81-0.88x); the trimmed mean
+    0.68-0.75x at (25, 1e6) and (100, 1e6), 0.70-0.89x at 1e5, so on AMD (the
+    Xeon, whose 16-bit min and max run at half its float rate, has not run it);
+    the mean around the median 0.88-1.22x, no faster above 32 rows and slower
+    where a step's zeros take the float exchanges again, so never."""
     if dtype != jnp.bfloat16:
         return False
-    flags = set(cpu_info().get("flags", "").split())
-    return native_width() == 8 or (median and "avx512bw" in flags)
+    if native_width() == 8:
+        return True
+    if "avx512bw" not in cpu_info().get("flags", "").split():
+        return False
+    return rule == "median" or (rule == "trimmed_mean" and _amd())
 
 
 @functools.cache
@@ -736,14 +744,13 @@ def _new_loop(
     return _Loop(n, dtype, width, keyed)
 
 
-def _pair_or_new_loop(
-    n: int, dtype, width, keyed, paired, median: bool = False
-) -> _Loop:
-    """A loop on bfloat16 column pairs (`_PairLoop`, the float loops' `width` each
-    half) where `paired`, this CPU's `pair_loops` unless given; else `_new_loop`'s."""
-    if pair_loops(dtype, median) if paired is None else paired:
+def _pair_or_new_loop(n: int, dtype, width, keyed, paired, rule: str) -> _Loop:
+    """A loop for `rule` on bfloat16 column pairs (`_PairLoop`, the float loops'
+    `width` each half) where `paired`, this CPU's `pair_loops` unless given; else
+    `_new_loop`'s."""
+    if pair_loops(dtype, rule) if paired is None else paired:
         return _PairLoop(n, width or native_width())
-    return _new_loop(n, dtype, width, keyed, median)
+    return _new_loop(n, dtype, width, keyed, median=rule == "median")
 
 
 def median_source(
@@ -755,7 +762,7 @@ def median_source(
 ) -> str:
     """`byzjax._numerics.coordinate_median` (n <= `NETWORK_MAX_N`); `width` and
     `keyed` as `_new_loop` takes them, `paired` as `_pair_or_new_loop`."""
-    loop = _pair_or_new_loop(n, dtype, width, keyed, paired, median=True)
+    loop = _pair_or_new_loop(n, dtype, width, keyed, paired, "median")
     ranks = middle_ranks(n)
     r = loop.ranks(batcher_pairs(n), ranks, ranks, ordered=_ordered(n, dtype))
     return loop.source(loop.median(r))
@@ -780,7 +787,7 @@ def trimmed_mean_source(
     `NETWORK_MAX_N`), XLA's clip form: the ranks b and n - b - 1 off the
     median's kind of network, then every row clipped to them and summed.
     `width`, `keyed` and `paired` as `median_source` takes them."""
-    loop = _pair_or_new_loop(n, dtype, width, keyed, paired)
+    loop = _pair_or_new_loop(n, dtype, width, keyed, paired, "trimmed_mean")
     if n <= FULL_NETWORK_MAX_N:
         middle = range(b, n - b)
         r = loop.ranks(partition_pairs(n, (b, n - b)), middle, middle)
@@ -827,7 +834,7 @@ def mean_around_median_source(
     needed: at (100, k = 76) 1,030 compare-exchanges instead of the 898 of the
     median plus 890 of a second network over the deviations. `width`, `keyed`
     and `paired` as `median_source` takes them."""
-    network = _pair_or_new_loop(n, dtype, width, keyed, paired)
+    network = _pair_or_new_loop(n, dtype, width, keyed, paired, "mean_around_median")
     ends = sorted({*range(n - k + 1), *range(k - 1, n)})
     # The deviations' bits do not depend on the signs of zeros at the ends, given
     # the median's: |(+-0) - m| is |m| for m != 0, else +0.
