@@ -33,14 +33,19 @@ MIN_READS = {"centered_clipping": 2, "geometric_median": 4}
 # Multiply-adds per second on both cores of each benchmark machine, in 8-lane
 # (AVX2) units: the fastest vector form the CPU has, measured by a C loop of
 # independent FMAs (docs/performance.md; AVX-512 counts as two 8-lane ones). The
+# rules that need every pairwise distance (Krum, Multi-Krum, NNM) cannot take less
+# than the n(n - 1)/2 d multiply-adds of the Gram matrix's upper triangle (the
+# performance issue's floor for the distance rules), nor less than one read. The
 # geometric median can also take its steps from the pairwise distances
-# (|x_i - z|^2 = (D w)_i - w'Dw / 2 for z = sum_j w_j x_j, sum w = 1): n(n - 1)/2 d
+# (|x_i - z|^2 = (D w)_i - w'Dw / 2 for z = sum_j w_j x_j, sum w = 1): those
 # multiply-adds, then one read for the last sum.
 FMA_PER_S = {
-    "AMD EPYC (family 25 model 1, AVX2)": 9.1e9,
-    # Zen 4: 6.4e9 8-lane FMAs a second on each core, both at once (one 16-lane
-    # one a cycle, or two 8-lane ones).
-    "AMD EPYC (family 25 model 17, AVX-512)": 1.28e10,
+    # Zen 3: 6.3-6.4e9 8-lane FMAs a second on each core, both at once (sessions
+    # 8 and 22; an earlier loop's 9.1e9 understated it).
+    "AMD EPYC (family 25 model 1, AVX2)": 1.28e10,
+    # Zen 4: 7.3e9 8-lane FMAs a second on each core, both at once (one 16-lane
+    # one a cycle, or two 8-lane ones; session 23's VM; session 15's ran 6.4e9).
+    "AMD EPYC (family 25 model 17, AVX-512)": 1.46e10,
     "Intel(R) Xeon(R) Processor (family 6 model 207, AVX-512)": 2.05e10,
     # Session 17: 4.1-4.3e9 16-lane FMAs a second on each core, both at once.
     "Intel(R) Xeon(R) Processor (family 6 model 167, AVX-512)": 1.64e10,
@@ -62,13 +67,20 @@ def machine(r: dict) -> str:
     return f"{cpu} ({isa})" if isa else cpu
 
 
+PAIRWISE_RULES = ("krum", "multi_krum", "nnm")
+
+
 def min_reads(r: dict) -> float:
     """Reads of the input, or their equivalent in multiply-adds, the rule needs."""
     reads = MIN_READS.get(r["name"], 1)
     rate = FMA_PER_S.get(machine(r))
-    if r["name"] == "geometric_median" and r.get("floor_s") and rate:
+    pairwise = r["name"] in (*PAIRWISE_RULES, "geometric_median")
+    if pairwise and r.get("floor_s") and rate:
         fma_s = r["n"] * (r["n"] - 1) / 2 * r["d"] / 8 / rate
-        reads = min(reads, max(1.0, fma_s / r["floor_s"]) + 1)
+        fma_reads = max(1.0, fma_s / r["floor_s"])
+        if r["name"] == "geometric_median":
+            return min(reads, fma_reads + 1)
+        return max(reads, fma_reads)
     return reads
 
 
@@ -274,9 +286,10 @@ def targets(agg, byzfl, train) -> list[str]:
             verdict, note = "yes", ""
         elif bound:
             verdict = "bound"
+            fma = " (its multiply-adds)" if reads > MIN_READS.get(r["name"], 1) else ""
             note = (
                 f" (ByzFL takes {r['byzfl_s'] / floor:.1f} reads of the input, the "
-                f"rule needs {reads:.3g}; byzjax {r['byzjax_s'] / floor:.1f})"
+                f"rule needs {reads:.3g}{fma}; byzjax {r['byzjax_s'] / floor:.1f})"
             )
         else:
             verdict, note = "no", ""
@@ -372,9 +385,12 @@ def render_machine(agg, byzfl, train, ablations, vmapped, loop_forms) -> list[st
         "[performance.md](performance.md). `bound`: ByzFL takes fewer than 10 times "
         "the reads of the input the rule needs (one; two for centered clipping, "
         "four for the geometric median's three steps, or two where the "
-        "multiply-adds of its pairwise route take less than a read), so 10x faster "
-        "than ByzFL "
-        "would be faster than reading the input that often. `malloc`: the glibc "
+        "multiply-adds of its pairwise route take less than a read), or their "
+        "time in multiply-adds where the rule cannot do with fewer (Krum, "
+        "Multi-Krum and NNM: the n(n - 1)/2 d of the pairwise distances at this "
+        "machine's measured FMA rate, `FMA_PER_S` in benchmarks/report.py), so "
+        "10x faster than ByzFL would be faster than reading the input that often, "
+        "or than the CPU's multiply-adds. `malloc`: the glibc "
         "settings both libraries ran under (a ByzFL child inherits them): `tuned` "
         "is what the byzjax command and benchmark scripts restart with "
         "(byzjax/_allocator.py), "
