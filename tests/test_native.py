@@ -102,12 +102,13 @@ def test_pairwise_kernel_matches_numpy(n, d, bad, dtype):
 
 
 @pytest.mark.parametrize(
-    "n,d", [(1, 5), (3, 7), (12, 1000), (100, 20001), (20, 400_003)]
+    "n,d", [(1, 5), (3, 7), (14, 1000), (100, 20001), (21, 400_003)]
 )
 @pytest.mark.parametrize("bad", [0, 4])
 @X_DTYPES
 def test_row_kernel_matches_numpy(n, d, bad, dtype):
-    # (20, 400003): two threads, several 32,768-column blocks, a 3-column tail.
+    # Rows four at a time, then the rest one by one (14, 21 rows); (21, 400003):
+    # two threads, several 32,768-column blocks, a 3-column tail.
     x, v = _inputs(n + d, n, d, min(bad, n), dtype)
     rows = _kernel_or_rule(nm.row_sq_dists, _native.row_sq_dists, dtype)
     got = np.asarray(rows(x, v))

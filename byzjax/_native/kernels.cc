@@ -745,30 +745,44 @@ ffi::Error GramImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
   return ffi::Error::Success();
 }
 
-// r_i += sum over columns [lo, hi) of x_i^2 for every row: each row's range read
-// in one run (no v to keep in cache), in float32 lanes over runs of 32,768
-// columns and float64 across them, as `row_range` sums.
-template <typename T>
-void row_norm_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi,
-                    double* acc) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T* xi = x + i * d;
-    for (int64_t k0 = lo; k0 < hi; k0 += 32768) {
-      const int64_t k1 = std::min(hi, k0 + 32768);
-      v8 s0 = {}, s1 = {};
-      int64_t k = k0;
-      for (; k + 16 <= k1; k += 16) {
-        v8 t0 = load_row(xi + k), t1 = load_row(xi + k + 8);
-        s0 += t0 * t0;
-        s1 += t1 * t1;
-      }
-      double tail = 0.0;
-      for (; k < k1; ++k) {
-        double t = to_float(xi[k]);
-        tail += t * t;
-      }
-      acc[i] += hsum(s0 + s1) + tail;
+// Columns of each row read in one run by the row kernels where nothing is to stay
+// in cache but v (128 KB of it, in L2): runs the prefetchers stream. At (25, 1e6):
+// 512 columns took 7.2 ms, 32,768 5.3 ms, one read of x 4.9 ms; at n = 100: 28.3,
+// 21.3 and 16.7 ms.
+constexpr int64_t kRunColumns = 32768;
+
+// Rows read at once, interleaved, by `row_range`: four streams in flight on each
+// core instead of one. Alternated with `w @ x` (one read) by process on the 2-core
+// Zen 4 (session 23), the distances of (25 | 100, 1e6) took 0.99-1.13 | 1.01-1.07
+// reads against 1.19-1.23 | 1.22-1.23 one row at a time; two rows 1.02 | 1.06,
+// eight 1.18 | 1.06.
+constexpr int kRowStreams = 4;
+
+// acc[r] += sum over columns [k0, k1) of (x_r - v)^2, or of x_r^2 where v is null,
+// for the R rows from x (a stride of d), interleaved: R streams of each core in
+// flight, each row's sum in its own float32 lanes in column order (the bits of one
+// row at a time), float64 across blocks.
+template <typename T, int R>
+void row_block(const T* x, const float* v, int64_t d, int64_t k0, int64_t k1,
+               double* acc) {
+  v8 s0[R] = {}, s1[R] = {};
+  int64_t k = k0;
+  for (; k + 16 <= k1; k += 16) {
+    const v8 v0 = v ? load8(v + k) : v8{}, v1 = v ? load8(v + k + 8) : v8{};
+    for (int r = 0; r < R; ++r) {
+      v8 t0 = load_row(x + r * d + k) - v0;
+      v8 t1 = load_row(x + r * d + k + 8) - v1;
+      s0[r] += t0 * t0;
+      s1[r] += t1 * t1;
     }
+  }
+  for (int r = 0; r < R; ++r) {
+    double tail = 0.0;
+    for (int64_t j = k; j < k1; ++j) {
+      double t = static_cast<double>(to_float(x[r * d + j])) - (v ? v[j] : 0.0f);
+      tail += t * t;
+    }
+    acc[r] += hsum(s0[r] + s1[r]) + tail;
   }
 }
 
@@ -777,30 +791,13 @@ void row_norm_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi,
 template <typename T>
 void row_range(const T* x, const float* v, int64_t n, int64_t d, int64_t lo,
                int64_t hi, double* acc) {
-  if (v == nullptr) return row_norm_range(x, n, d, lo, hi, acc);
-  // 32,768 columns (128 KB of v, in L2): every row is read in long runs, which
-  // the prefetchers stream. At (25, 1e6): 512 columns took 7.2 ms, 32,768 5.3 ms,
-  // one read of x 4.9 ms; at n = 100: 28.3, 21.3 and 16.7 ms.
-  const int64_t block = 32768;
-  for (int64_t k0 = lo; k0 < hi; k0 += block) {
-    int64_t k1 = std::min(hi, k0 + block);
-    for (int64_t i = 0; i < n; ++i) {
-      const T* xi = x + i * d;
-      v8 s0 = {}, s1 = {};
-      int64_t k = k0;
-      for (; k + 16 <= k1; k += 16) {
-        v8 t0 = load_row(xi + k) - load8(v + k);
-        v8 t1 = load_row(xi + k + 8) - load8(v + k + 8);
-        s0 += t0 * t0;
-        s1 += t1 * t1;
-      }
-      double tail = 0.0;
-      for (; k < k1; ++k) {
-        double t = static_cast<double>(to_float(xi[k])) - v[k];
-        tail += t * t;
-      }
-      acc[i] += hsum(s0 + s1) + tail;
+  for (int64_t k0 = lo; k0 < hi; k0 += kRunColumns) {
+    const int64_t k1 = std::min(hi, k0 + kRunColumns);
+    int64_t i = 0;
+    for (; i + kRowStreams <= n; i += kRowStreams) {
+      row_block<T, kRowStreams>(x + i * d, v, d, k0, k1, acc + i);
     }
+    for (; i < n; ++i) row_block<T, 1>(x + i * d, v, d, k0, k1, acc + i);
   }
 }
 
@@ -895,7 +892,11 @@ template <typename T>
 void step_range(const T* x, const float* z, const float* w, float keep,
                 const std::vector<int64_t>& active, int64_t n, int64_t d,
                 int64_t lo, int64_t hi, bool distances, float* zout, double* acc) {
-  const int64_t block = step_block_columns(n);
+  // Without the distances nothing is read again from cache: the rows in long
+  // runs (the same sums, column by column). Alternated by process on the Zen 4,
+  // the step of (25 | 100, 1e6) took 0.97-1.00 | 0.99-1.00 reads against
+  // 1.14-1.15 | 1.11-1.12 in the distances' blocks.
+  const int64_t block = distances ? step_block_columns(n) : kRunColumns;
   for (int64_t k0 = lo; k0 < hi; k0 += block) {
     const int64_t len = std::min(hi, k0 + block) - k0;
     float* out = zout + k0;
