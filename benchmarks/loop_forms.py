@@ -100,6 +100,7 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, nargs="+", default=[25, 100])
     p.add_argument("--d", type=float, nargs="+", default=[1e5, 1e6])
     p.add_argument("--inputs", nargs="+", default=["gaussian", "zeros", "signed zeros"])
+    p.add_argument("--choices", nargs="+", default=["column pairs", "order keys"])
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--out", default="benchmarks/results/loop_forms.jsonl")
     args = p.parse_args(argv)
@@ -110,6 +111,8 @@ def main(argv=None) -> None:
                 for kind in args.inputs:
                     x32 = make_input(kind, n, d)
                     for choice, dtype, rule, on, off, taken in choices(n):
+                        if choice not in args.choices:
+                            continue
                         x = jnp.asarray(x32).astype(dtype)
                         # The floor: a float32 read of the input's bytes.
                         words = d * x.dtype.itemsize // 4
