@@ -136,6 +136,13 @@ def read_floor(x: jax.Array, repeats: int = 5) -> float:
     return min(seconds for *_, seconds in _timed_candidates(x, repeats))
 
 
+def read_form(x: jax.Array, repeats: int = 3) -> tuple:
+    """(fn, args) of the fastest of `floor_candidates(x)`, timed alone: the form
+    to alternate with other calls."""
+    fn, args, _ = min(_timed_candidates(x, repeats), key=lambda c: c[2])
+    return fn, args
+
+
 def alternate(calls, repeats: int) -> list[float]:
     """Median seconds of each (fn, args), the calls alternated round by round.
 

@@ -9,7 +9,10 @@ therefore registers `byzfl` as a bare namespace and imports only
 
 Each ByzFL object is built with the settings of the byzjax rule it is paired with
 (ByzFL parity presets where outputs differ: Krum's neighbour count and geometric
-median's start/nu/T; see docs/conventions.md). Speed ratio = ByzFL s / byzjax s.
+median's start/nu/T; see docs/conventions.md). Speed ratio = ByzFL s / byzjax s:
+the medians of `--repeats` rounds of one byzjax call, one ByzFL call (in the
+child, which holds the same rows and times each call on request) and one read of
+the input, alternated, so that the machine's drift slows all three alike.
 
 The training step (25 workers, MLP 784-100-10, batch 50, ALIE, Krum and median) is
 timed both ways too: byzjax's simulator against the equivalent PyTorch loop built
@@ -24,9 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +39,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aggregators as bench  # noqa: E402
-from _common import command, emit, hardware, read_floor, time_jitted  # noqa: E402
+from _common import command, emit, hardware, read_form  # noqa: E402
 
 from byzjax._allocator import reexec_tuned  # noqa: E402
 
@@ -72,33 +77,33 @@ IMPORT_BYZFL = textwrap.dedent(
     """
 )
 
+# A ByzFL server: it holds the (n, d) rows and times one call of a paired object
+# per request line (its name, expression and kind), so that the parent can
+# alternate it with byzjax's call and the read floor, round by round.
 CHILD = IMPORT_BYZFL + textwrap.dedent(
     """
-    import json, statistics, time
+    import json, time
     import numpy as np, torch
-    n, d, f, repeats = (int(a) for a in sys.argv[1:5])
-    exprs = json.loads(sys.argv[5])
-    skip_over = float(sys.argv[6])
+    n, d, f = (int(a) for a in sys.argv[1:4])
     x = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
     x = torch.from_numpy(x)
-    for name, expr, kind, gib in exprs:
-        if gib > skip_over:
-            skipped = f"needs ~{gib:.0f} GiB"
-            print(json.dumps({"name": name, "skipped": skipped}), flush=True)
-            continue
-        obj = eval(expr)
-        arg = x[f:] if kind == "attack" else x
-        # ARC and Clipping clip their input in place: after one call every later
-        # call would see clipped rows and skip the work, so each call gets a fresh
-        # copy, made outside the timer.
-        fresh = (lambda: arg.clone()) if name in ("arc", "clipping") else (lambda: arg)
-        obj(fresh())  # warm-up
-        runs = []
-        for _ in range(repeats):
-            a = fresh()
-            t = time.perf_counter(); obj(a); runs.append(time.perf_counter() - t)
-        seconds = statistics.median(runs)
-        print(json.dumps({"name": name, "seconds": seconds}), flush=True)
+    calls = {}
+    for line in sys.stdin:
+        name, expr, kind = json.loads(line)
+        if name not in calls:
+            obj = eval(expr)
+            arg = x[f:] if kind == "attack" else x
+            # ARC and Clipping clip their input in place: after one call every
+            # later call would see clipped rows and skip the work, so each call
+            # gets a fresh copy, made outside the timer.
+            copy = name in ("arc", "clipping")
+            fresh = (lambda a=arg: a.clone()) if copy else (lambda a=arg: a)
+            obj(fresh())  # warm-up
+            calls[name] = (obj, fresh)
+        obj, fresh = calls[name]
+        a = fresh()
+        t = time.perf_counter(); obj(a); seconds = time.perf_counter() - t
+        print(json.dumps(seconds), flush=True)
     """
 )
 
@@ -165,30 +170,35 @@ def ensure_venv() -> str:
     return python
 
 
-def byzfl_times(python, n, d, f, repeats, max_gib):
-    # ByzFL's NNM gathers an (n, n - f, d) float32 tensor.
-    exprs = [
-        (name, expr, kind, (n * (n - f) * d * 4 / 2**30) if name == "nnm" else 0.0)
-        for kind, name, _, expr in PAIRS
-    ]
-    out = subprocess.run(
-        [
-            python,
-            "-c",
-            CHILD,
-            str(n),
-            str(d),
-            str(f),
-            str(repeats),
-            json.dumps(exprs),
-            str(max_gib),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    ).stdout
-    return {r["name"]: r for r in map(json.loads, out.splitlines())}
+class ByzFL:
+    """The ByzFL child (`CHILD`) over the rows of one (n, d, f)."""
+
+    def __init__(self, python, n, d, f):
+        self.proc = subprocess.Popen(
+            [python, "-c", CHILD, str(n), str(d), str(f)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+
+    def call(self, name, expr, kind) -> float:
+        """Seconds of one call (the first one of a name warms it up first)."""
+        self.proc.stdin.write(json.dumps([name, expr, kind]) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the ByzFL child exited (code {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def nnm_gib(n, d, f) -> float:
+    """ByzFL's NNM gathers an (n, n - f, d) float32 tensor."""
+    return n * (n - f) * d * 4 / 2**30
 
 
 def byzfl_train(python, rule, n, f, batch, steps):
@@ -251,32 +261,66 @@ def train_compare(python, hw, out, steps):
         )
 
 
-def byzjax_time(kind, name, params, x, f, repeats):
+def byzjax_call(kind, name, params, x, f):
+    """(fn, args) of byzjax's call paired with ByzFL's."""
     if kind == "rule":
         agg = bench.byzjax.aggregators.build(name, f=f, **params)
-        return time_jitted(bench._rule_fn(agg), x, repeats=repeats)["seconds"]
+        return bench._rule_fn(agg), (x,)
     if kind == "pre":
         agg = bench.byzjax.aggregators.build("mean", f=f, pre=[(name, params)])
-        return time_jitted(bench._rule_fn(agg), x, repeats=repeats)["seconds"]
+        return bench._rule_fn(agg), (x,)
     # ByzFL's attacks return the one vector all f Byzantine workers send (its
     # framework hands out f references to it); byzjax returns the (f, d) rows, whose
     # writing alone is ~54 ms at f = 24, d = 1e6 here. Timing row 0 compares the
     # same output: XLA then computes only the shared vector.
     atk = bench.byzjax.attacks.build(name, **params)
-    key = bench.jax.random.key(0)
-    return time_jitted(
+    return (
         lambda k, h: atk.apply(k, h, atk.default_params, f)[0],
-        key,
-        x[f:],
-        repeats=repeats,
-    )["seconds"]
+        (bench.jax.random.key(0), x[f:]),
+    )
+
+
+def _ready(fn, args):
+    """fn compiled for args and called once: a timer of one warm call."""
+    compiled = bench.jax.jit(fn).lower(*args).compile()
+    bench.jax.block_until_ready(compiled(*args))
+
+    def timed() -> float:
+        start = time.perf_counter()
+        bench.jax.block_until_ready(compiled(*args))
+        return time.perf_counter() - start
+
+    return timed
+
+
+def alternated(byzfl, kind, name, params, expr, x, f, floor, rounds):
+    """Median seconds of byzjax's call, ByzFL's and the read floor's, one of each
+    a round: the VM's speed drifts up to 2x within minutes, and a ratio taken
+    from timings minutes apart drifted with it (session 23)."""
+    ours = _ready(*byzjax_call(kind, name, params, x, f))
+    byzfl.call(name, expr, kind)  # its warm-up
+
+    def theirs() -> float:
+        seconds = byzfl.call(name, expr, kind)
+        # torch's worker threads spin a while after a parallel call before they
+        # sleep: the next call here must not share the cores with them.
+        time.sleep(0.02)
+        return seconds
+
+    times = [], [], []
+    for _ in range(rounds):
+        for t, timer in zip(times, (ours, theirs, floor), strict=True):
+            t.append(timer())
+    return [statistics.median(t) for t in times]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[25, 100])
     p.add_argument("--d", type=float, nargs="+", default=[1e6])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--repeats", type=int, default=5, help="rounds of the three calls alternated"
+    )
     p.add_argument("--max-gib", type=float, default=12.0)
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--no-train", action="store_true", help="skip the training loops")
@@ -293,40 +337,70 @@ def main(argv=None) -> None:
         for n in args.n:
             for d in map(int, args.d):
                 f = n // 4 - 1
-                theirs = byzfl_times(python, n, d, f, args.repeats, args.max_gib)
                 x = jnp.asarray(np.random.default_rng(0).normal(size=(n, d)), "float32")
                 # One read of each call's input (attacks read only the h honest
-                # rows): a call near it cannot be made 10x faster.
-                floors = {"all": read_floor(x), "honest": read_floor(x[f:])}
-                for kind, name, params, expr in PAIRS:
-                    ours = byzjax_time(kind, name, params, x, f, args.repeats)
-                    rec = {
-                        **hw,
-                        "kind": kind,
-                        "name": name,
-                        "n": n,
-                        "d": d,
-                        "f": f,
-                        "byzfl": expr,
-                        "byzjax_s": ours,
-                        "floor_s": floors["honest" if kind == "attack" else "all"],
-                        **{
-                            ("byzfl_s" if k == "seconds" else k): v
-                            for k, v in theirs[name].items()
-                            if k != "name"
-                        },
-                    }
-                    if "byzfl_s" in rec:
-                        rec["ratio"] = rec["byzfl_s"] / ours
-                    emit(rec, out)
-                    print(
-                        f"{name:20s} n={n} d={d}: byzjax {ours * 1e3:8.1f} ms  "
-                        f"byzfl {rec.get('byzfl_s', float('nan')) * 1e3:8.1f} ms  "
-                        f"x{rec.get('ratio', float('nan')):.1f} "
-                        f"{rec.get('skipped', '')}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                # rows): a call near it cannot be made 10x faster. The fastest
+                # form, timed alone, then alternated with the calls.
+                floors = {
+                    which: _ready(*read_form(rows))
+                    for which, rows in (("all", x), ("honest", x[f:]))
+                }
+                byzfl = ByzFL(python, n, d, f)
+                try:
+                    for kind, name, params, expr in PAIRS:
+                        rec = {
+                            **hw,
+                            "kind": kind,
+                            "name": name,
+                            "n": n,
+                            "d": d,
+                            "f": f,
+                            "byzfl": expr,
+                            "rounds": args.repeats,
+                        }
+                        floor = floors["honest" if kind == "attack" else "all"]
+                        if name == "nnm" and nnm_gib(n, d, f) > args.max_gib:
+                            rec["skipped"] = f"needs ~{nnm_gib(n, d, f):.0f} GiB"
+                            ours = _ready(*byzjax_call(kind, name, params, x, f))
+                            rec.update(
+                                byzjax_s=statistics.median(
+                                    ours() for _ in range(args.repeats)
+                                ),
+                                floor_s=statistics.median(
+                                    floor() for _ in range(args.repeats)
+                                ),
+                            )
+                        else:
+                            ours, theirs, read = alternated(
+                                byzfl,
+                                kind,
+                                name,
+                                params,
+                                expr,
+                                x,
+                                f,
+                                floor,
+                                args.repeats,
+                            )
+                            rec.update(
+                                byzjax_s=ours,
+                                byzfl_s=theirs,
+                                floor_s=read,
+                                ratio=theirs / ours,
+                            )
+                        emit(rec, out)
+                        print(
+                            f"{name:20s} n={n} d={d}: byzjax "
+                            f"{rec['byzjax_s'] * 1e3:8.1f} ms  byzfl "
+                            f"{rec.get('byzfl_s', float('nan')) * 1e3:8.1f} ms  "
+                            f"x{rec.get('ratio', float('nan')):.1f} "
+                            f"(read {rec['floor_s'] * 1e3:.1f} ms) "
+                            f"{rec.get('skipped', '')}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                finally:
+                    byzfl.close()
 
 
 if __name__ == "__main__":

@@ -432,7 +432,10 @@ def render_machine(agg, byzfl, train, ablations, vmapped, loop_forms) -> list[st
         "",
         "ByzFL runs in its own venv (`.byzfl-venv`) in a child process of the same "
         "invocation; median of the warm calls on float32 torch tensors of the same "
-        "shape. Commands:",
+        "shape. Since session 23 one byzjax call, one ByzFL call and one read of "
+        "the input alternate, round by round (`--repeats` rounds), so that the "
+        "machine's drift slows all three alike; before, each library's calls ran "
+        "in a batch of their own. Commands:",
         "",
     ]
     lines += _commands(byzfl)
