@@ -752,10 +752,10 @@ ffi::Error GramImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
 constexpr int64_t kRunColumns = 32768;
 
 // Rows read at once, interleaved, by `row_range`: four streams in flight on each
-// core instead of one. Alternated with `w @ x` (one read) by process on the 2-core
-// Zen 4 (session 23), the distances of (25 | 100, 1e6) took 0.99-1.13 | 1.01-1.07
-// reads against 1.19-1.23 | 1.22-1.23 one row at a time; two rows 1.02 | 1.06,
-// eight 1.18 | 1.06.
+// core instead of one. Alternated with `w @ x` (one read) on the 2-core Zen 4,
+// three processes each way (session 23), the distances of (25 | 100, 1e6) took
+// 0.96-1.08 | 1.00-1.02 reads against 1.18-1.24 | 1.21-1.34 one row at a time;
+// two rows 1.02 | 1.06, eight 1.18 | 1.06 (one process each).
 constexpr int kRowStreams = 4;
 
 // acc[r] += sum over columns [k0, k1) of (x_r - v)^2, or of x_r^2 where v is null,
@@ -893,9 +893,9 @@ void step_range(const T* x, const float* z, const float* w, float keep,
                 const std::vector<int64_t>& active, int64_t n, int64_t d,
                 int64_t lo, int64_t hi, bool distances, float* zout, double* acc) {
   // Without the distances nothing is read again from cache: the rows in long
-  // runs (the same sums, column by column). Alternated by process on the Zen 4,
-  // the step of (25 | 100, 1e6) took 0.97-1.00 | 0.99-1.00 reads against
-  // 1.14-1.15 | 1.11-1.12 in the distances' blocks.
+  // runs (the same sums, column by column). Alternated as `kRowStreams`, the
+  // step of (25 | 100, 1e6) took 0.96-1.01 | 0.94-1.00 reads against
+  // 1.11-1.14 | 1.09-1.19 in the distances' blocks.
   const int64_t block = distances ? step_block_columns(n) : kRunColumns;
   for (int64_t k0 = lo; k0 < hi; k0 += block) {
     const int64_t len = std::min(hi, k0 + block) - k0;

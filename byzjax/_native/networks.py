@@ -135,12 +135,13 @@ def pair_loops(dtype, rule: str) -> bool:
     step with AVX2's 16-bit min and max (all three rules, measured faster on the
     Zen 3), 32 with AVX-512BW's where the loops take AVX-512.
 
-    With AVX-512BW, alternated against the 16-column loops (session 23, Zen 4):
-    the median 0.57-0.68x the time (the Xeon: 0.81-0.88x); the trimmed mean
-    0.68-0.75x at (25, 1e6) and (100, 1e6), 0.70-0.89x at 1e5, so on AMD (the
-    Xeon, whose 16-bit min and max run at half its float rate, has not run it);
-    the mean around the median 0.88-1.22x, no faster above 32 rows and slower
-    where a step's zeros take the float exchanges again, so never."""
+    With AVX-512BW, alternated against the 16-column loops (session 23, Zen 4,
+    `benchmarks/loop_forms.py`, (25 | 100, 1e5 | 1e6)): the median 0.60-0.80x
+    the time (the Xeon: 0.81-0.88x); the trimmed mean 0.61-0.86x, but 1.15-1.26x
+    below 33 rows where most steps hold a -0 (redone by float exchanges), so on
+    AMD (the Xeon, whose 16-bit min and max run at half its float rate, has not
+    run it); the mean around the median 0.81-1.02x, 1.10-1.76x with signed
+    zeros, so never."""
     if dtype != jnp.bfloat16:
         return False
     if native_width() == 8:
