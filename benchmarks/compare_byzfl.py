@@ -307,10 +307,13 @@ def alternated(byzfl, kind, name, params, expr, x, f, floor, rounds):
         time.sleep(0.02)
         return seconds
 
-    times = [], [], []
-    for _ in range(rounds):
-        for t, timer in zip(times, (ours, theirs, floor), strict=True):
-            t.append(timer())
+    # The order turns each round: a call right after the other process's, or
+    # after a pause, may not run as it would after its own kind.
+    timers = [ours, theirs, floor]
+    times: list[list[float]] = [[], [], []]
+    for r in range(rounds):
+        for i in [(r + j) % 3 for j in range(3)]:
+            times[i].append(timers[i]())
     return [statistics.median(t) for t in times]
 
 
@@ -319,7 +322,7 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, nargs="+", default=[25, 100])
     p.add_argument("--d", type=float, nargs="+", default=[1e6])
     p.add_argument(
-        "--repeats", type=int, default=5, help="rounds of the three calls alternated"
+        "--repeats", type=int, default=6, help="rounds of the three calls alternated"
     )
     p.add_argument("--max-gib", type=float, default=12.0)
     p.add_argument("--train-steps", type=int, default=300)
