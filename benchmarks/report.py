@@ -33,6 +33,9 @@ FLOOR_SHAPES = ((25, 1_000_000), (100, 1_000_000))
 # sum, with the next step's distances).
 MIN_READS = {"centered_clipping": 2, "geometric_median": 4}
 
+# Rules that need every pairwise distance: their floor is also `FMA_PER_S`'s.
+PAIRWISE_RULES = ("krum", "multi_krum", "nnm")
+
 # Multiply-adds per second on both cores of each benchmark machine, in 8-lane
 # (AVX2) units: the fastest vector form the CPU has, measured by a C loop of
 # independent FMAs (docs/performance.md; AVX-512 counts as two 8-lane ones). The
@@ -68,9 +71,6 @@ def machine(r: dict) -> str:
     cpu = r.get("cpu", "?")
     isa = r.get("cpu_isa") or _ISA_BEFORE_RECORDED.get(cpu)
     return f"{cpu} ({isa})" if isa else cpu
-
-
-PAIRWISE_RULES = ("krum", "multi_krum", "nnm")
 
 
 def min_reads(r: dict) -> float:
