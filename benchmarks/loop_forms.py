@@ -1,8 +1,10 @@
 """The generated loops' CPU-dependent forms against each other, alternated in one run.
 
 The coordinate-wise rules' loops (`byzjax/_native/networks.py`) take a form by the
-CPU they run on: bfloat16 rows on 16-bit column pairs (`pair_loops`) and networks
-on integer order keys (`keyed_exchanges`). Both forms give the same bits; this
+CPU they run on: bfloat16 rows on 16-bit column pairs (`pair_loops`), networks
+on integer order keys (`keyed_exchanges`), and rows prefetched into L2 as the
+loop goes instead of column blocks (`streamed_loops`, "L2 prefetch"). Both forms
+of each give the same bits; this
 script times each rule's two forms on one array, call by call with a float32 read
 of the same bytes, and writes one JSON line per (choice, rule, n, d, input), with
 the form this CPU takes. A new machine runs it before those choices change.
@@ -76,6 +78,18 @@ def choices(n: int):
                     ),
                 )
             )
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for rule in RULES:
+            out.append(
+                (
+                    "L2 prefetch",
+                    dtype,
+                    rule,
+                    {"streamed": True},
+                    {"streamed": False},
+                    networks.streamed_loops(n, networks.native_width()),
+                )
+            )
     return out
 
 
@@ -100,7 +114,9 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, nargs="+", default=[25, 100])
     p.add_argument("--d", type=float, nargs="+", default=[1e5, 1e6])
     p.add_argument("--inputs", nargs="+", default=["gaussian", "zeros", "signed zeros"])
-    p.add_argument("--choices", nargs="+", default=["column pairs", "order keys"])
+    p.add_argument(
+        "--choices", nargs="+", default=["column pairs", "order keys", "L2 prefetch"]
+    )
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--out", default="benchmarks/results/loop_forms.jsonl")
     args = p.parse_args(argv)

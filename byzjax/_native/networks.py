@@ -75,6 +75,15 @@ _PREFETCH_BYTES = 512
 # cycles per 16 columns from L1), and 512 bytes ahead is more than L1 holds for
 # 100 rows. `/tmp` programs on the 2-core Xeon (family 6 model 207), two threads.
 _BLOCK_BYTES = 1024
+# On AMD Zen 4 above 32 rows the loops run without blocks (`streamed_loops`):
+# each row is prefetched into L2 `_STREAM_BYTES` ahead of the step and into L1
+# one step ahead, both where the row is first loaded, so the prefetches are
+# spread through the step; the blocks' came in a burst of about 100 lines at the
+# start of each step. In `benchmarks/loop_forms.py` (alternated, three runs of
+# 15-21 rounds), streamed against blocked at (100, 1e6): float32 median 0.89-0.91,
+# trimmed mean 0.92-0.95, mean around the median 0.97; bfloat16 0.86-0.96.
+# (`/tmp` programs with a thread per half: 512 and 2,048 bytes ahead no better.)
+_STREAM_BYTES = 1024
 # Compiler flags by columns a step, for loops up to 32 rows. For AVX2, GCC's
 # scheduler before register allocation, aware of register pressure: the median's
 # loop at n = 25 117 against 121 cycles per 8 columns from cache (AMD Zen 3). It
@@ -154,8 +163,8 @@ def pair_loops(dtype, rule: str) -> bool:
 @functools.cache
 def _amd() -> bool:
     """Whether this is an AMD CPU: there the loops run on order keys
-    (`keyed_exchanges`), and with AVX-512 (Zen 4) over column blocks at every n
-    (`_blocked`)."""
+    (`keyed_exchanges`), and with AVX-512 (Zen 4) run over column blocks up to 32
+    rows (`_blocked`) and prefetch each row into L2 above (`streamed_loops`)."""
     return cpu_info().get("vendor_id") == "AuthenticAMD"
 
 
@@ -181,12 +190,22 @@ def keyed_exchanges(n: int, width: int, median: bool = False) -> bool:
     return (median or n > FULL_NETWORK_MAX_N) and _amd()
 
 
+def streamed_loops(n: int, width: int) -> bool:
+    """Whether the loops over n rows, `width` columns a step, prefetch each row
+    into L2 as they go (`_STREAM_BYTES`), with no column blocks, on this CPU: on
+    AMD with AVX-512 (Zen 4) above 32 rows. Up to 32 rows the blocks stay: in
+    `benchmarks/loop_forms.py`'s runs (three, 15-21 rounds) the streamed loops
+    of 25 rows took 0.95-1.08 of the blocked ones' time, against 0.86-0.96 at
+    100 rows."""
+    return n > FULL_NETWORK_MAX_N and width == 16 and _amd()
+
+
 def _blocked(n: int, width: int) -> bool:
-    """Whether the loop runs over column blocks (`_BLOCK_BYTES`): above 32 rows,
-    and on AMD Zen 4 at every n: at (25, 1e6) float32, alternated in three
-    processes, the median took 3.8-4.0 ms against 4.6-5.3 prefetching each row
-    512 bytes ahead, the trimmed mean 3.7-4.1 against 4.5-5.0, the window 4.5
-    against 4.9 (`ones @ x` 4.2-4.7 ms)."""
+    """Whether a loop that does not stream (`streamed_loops`) runs over column
+    blocks (`_BLOCK_BYTES`): above 32 rows, and on AMD Zen 4 at every n: at
+    (25, 1e6) float32, alternated in three processes, the median took 3.8-4.0 ms
+    against 4.6-5.3 prefetching each row 512 bytes ahead, the trimmed mean 3.7-4.1
+    against 4.5-5.0, the window 4.5 against 4.9 (`ones @ x` 4.2-4.7 ms)."""
     return n > FULL_NETWORK_MAX_N or (width == 16 and _amd())
 
 
@@ -225,7 +244,14 @@ class _Loop:
 
     NEGATIVE_ZERO = "(int)0x80000000"  # a lane's bits for -0 (`rewire`)
 
-    def __init__(self, n: int, dtype, width: int, keyed: bool = False):
+    def __init__(
+        self,
+        n: int,
+        dtype,
+        width: int,
+        keyed: bool = False,
+        streamed: bool | None = None,
+    ):
         if width not in WIDTHS:
             raise ValueError(f"network loops: width {width} not in {WIDTHS}")
         self.lines: list[str] = []
@@ -235,7 +261,9 @@ class _Loop:
         self.helpers: list[str] = []  # functions the loop calls (`rewire`)
         self.prefix = {8: "_mm256", 16: "_mm512"}[width]
         self.vector = {8: "__m256", 16: "__m512"}[width]
-        self.blocked = _blocked(n, width)  # see `_BLOCK_BYTES`
+        # This CPU's `streamed_loops` unless given; if not, `_blocked`'s.
+        self.streamed = streamed_loops(n, width) if streamed is None else streamed
+        self.blocked = not self.streamed and _blocked(n, width)
         # The step's first column, the values' names and +Inf's: another for the
         # float loops over the halves of a `_PairLoop`'s step (`in_floats`).
         self.column, self.tag, self.inf = "k", "v", "inf"
@@ -251,9 +279,15 @@ class _Loop:
         return self.value(f"{self.prefix}_{name}({', '.join(args)})")
 
     def row(self, i: int) -> str:
-        """Row i's values, NaN as +Inf, and a prefetch of the row ahead."""
+        """Row i's values, NaN as +Inf, and prefetches of the row ahead."""
         itemsize = jnp.dtype(self.dtype).itemsize
-        ahead = self.width * itemsize if self.blocked else _PREFETCH_BYTES
+        near = self.blocked or self.streamed
+        ahead = self.width * itemsize if near else _PREFETCH_BYTES
+        if self.streamed:
+            self.lines.append(
+                f"_mm_prefetch((const char*)rows[{i}] + k * {itemsize} + "
+                f"{_STREAM_BYTES}, _MM_HINT_T1);"
+            )
         self.lines.append(
             f"_mm_prefetch((const char*)rows[{i}] + k * {itemsize} + "
             f"{ahead}, _MM_HINT_T0);"
@@ -474,11 +508,19 @@ class _Loop:
     def order_key(self, a: str) -> str:
         """float32 values as int32 (in float32 registers) of the same order, -0
         below +0 (NaN-free): the sign bit kept, the other bits flipped where it is
-        set. Its own inverse."""
+        set. Its own inverse. With AVX-512, bits ^ (sign & 0x7fffffff) in one
+        ternary-logic instruction after the shift (truth table 0x78), not a
+        second shift and a xor: 2 instructions a row, not 3, where the median of
+        100 rows takes 1,700 min and max a step."""
         p, si = self.prefix, f"si{self.width * 32}"
         bits = f"{p}_castps_{si}({a})"
-        flip = f"{p}_srli_epi32({p}_srai_epi32({bits}, 31), 1)"
-        return self.value(f"{p}_cast{si}_ps({p}_xor_{si}({bits}, {flip}))")
+        sign = f"{p}_srai_epi32({bits}, 31)"
+        if self.width == 16:
+            magnitude = f"{p}_set1_epi32(0x7fffffff)"
+            key = f"{p}_ternarylogic_epi32({bits}, {sign}, {magnitude}, 0x78)"
+        else:
+            key = f"{p}_xor_{si}({bits}, {p}_srli_epi32({sign}, 1))"
+        return self.value(f"{p}_cast{si}_ps({key})")
 
     def exchange(self, a: str, b: str, end: str, ordered: bool, keyed: bool) -> str:
         """The `end` ("min" or "max") of a compare-exchange of wires a < b,
@@ -582,8 +624,8 @@ class _PairLoop(_Loop):
 
     NEGATIVE_ZERO = "(short)0x8000"
 
-    def __init__(self, n: int, half: int):
-        super().__init__(n, jnp.bfloat16, half, keyed=True)
+    def __init__(self, n: int, half: int, streamed: bool | None = None):
+        super().__init__(n, jnp.bfloat16, half, keyed=True, streamed=streamed)
         self.half, self.width = half, 2 * half
         self.bits = 32 * half  # of a register
         self.vector, self.floats = f"__m{self.bits}i", f"__m{self.bits}"
@@ -612,10 +654,13 @@ class _PairLoop(_Loop):
         return self.value(f"_mm256_blendv_epi8({a}, inf, {nan})")
 
     def order_key(self, a: str) -> str:
-        """`_Loop.order_key` on 16-bit lanes."""
+        """`_Loop.order_key` on 16-bit lanes (its ternary logic is bitwise)."""
         p = self.prefix
-        flip = f"{p}_srli_epi16({p}_srai_epi16({a}, 15), 1)"
-        return self.value(f"{p}_xor_si{self.bits}({a}, {flip})")
+        sign = f"{p}_srai_epi16({a}, 15)"
+        if self.half == 16:
+            magnitude = self._set("0x7fff")
+            return self.value(f"{p}_ternarylogic_epi32({a}, {sign}, {magnitude}, 0x78)")
+        return self.value(f"{p}_xor_si{self.bits}({a}, {p}_srli_epi16({sign}, 1))")
 
     def exchange(self, a: str, b: str, end: str, ordered: bool, keyed: bool) -> str:
         return self.value(f"{self.prefix}_{end}_epi16({a}, {b})")
@@ -736,34 +781,38 @@ class _PairLoop(_Loop):
 
 
 def _new_loop(
-    n: int, dtype, width: int | None, keyed: bool | None, median: bool = False
+    n: int, dtype, width: int | None, keyed: bool | None, median: bool, streamed
 ) -> _Loop:
     """A loop of `width` columns a step, this CPU's `native_width()` unless given;
-    on order keys where `keyed`, this CPU's `keyed_exchanges` unless given."""
+    on order keys where `keyed`, this CPU's `keyed_exchanges` unless given;
+    `streamed` as `_Loop` takes it."""
     width = width or native_width()
     keyed = keyed_exchanges(n, width, median) if keyed is None else keyed
-    return _Loop(n, dtype, width, keyed)
+    return _Loop(n, dtype, width, keyed, streamed)
 
 
-def _pair_or_new_loop(n: int, dtype, width, keyed, paired, rule: str) -> _Loop:
-    """A loop for `rule` on bfloat16 column pairs (`_PairLoop`, the float loops'
-    `width` each half) where `paired`, this CPU's `pair_loops` unless given; else
-    `_new_loop`'s."""
-    if pair_loops(dtype, rule) if paired is None else paired:
-        return _PairLoop(n, width or native_width())
-    return _new_loop(n, dtype, width, keyed, median=rule == "median")
-
-
-def median_source(
+def _pair_or_new_loop(
     n: int,
     dtype,
+    rule: str,
     width: int | None = None,
     keyed: bool | None = None,
     paired: bool | None = None,
-) -> str:
-    """`byzjax._numerics.coordinate_median` (n <= `NETWORK_MAX_N`); `width` and
-    `keyed` as `_new_loop` takes them, `paired` as `_pair_or_new_loop`."""
-    loop = _pair_or_new_loop(n, dtype, width, keyed, paired, "median")
+    streamed: bool | None = None,
+) -> _Loop:
+    """A loop for `rule` on bfloat16 column pairs (`_PairLoop`, the float loops'
+    `width` each half) where `paired`, this CPU's `pair_loops` unless given; else
+    `_new_loop`'s. The source functions' `form` is these keywords."""
+    if pair_loops(dtype, rule) if paired is None else paired:
+        return _PairLoop(n, width or native_width(), streamed)
+    return _new_loop(n, dtype, width, keyed, rule == "median", streamed)
+
+
+def median_source(n: int, dtype, **form) -> str:
+    """`byzjax._numerics.coordinate_median` (n <= `NETWORK_MAX_N`); `form`: the
+    loop's `width`, `keyed`, `paired` and `streamed` (`_pair_or_new_loop`), this
+    CPU's where not given."""
+    loop = _pair_or_new_loop(n, dtype, "median", **form)
     ranks = middle_ranks(n)
     r = loop.ranks(batcher_pairs(n), ranks, ranks, ordered=_ordered(n, dtype))
     return loop.source(loop.median(r))
@@ -775,20 +824,13 @@ def _ordered(n: int, dtype) -> bool:
     return n > SELECT_MAX_N and dtype != jnp.float32
 
 
-def trimmed_mean_source(
-    n: int,
-    b: int,
-    dtype,
-    width: int | None = None,
-    keyed: bool | None = None,
-    paired: bool | None = None,
-) -> str:
+def trimmed_mean_source(n: int, b: int, dtype, **form) -> str:
     """`byzjax._numerics.coordinate_trimmed_mean` (b >= 1). Up to 32 rows the
     middle set off the partition network, summed as a tree; above (n <=
     `NETWORK_MAX_N`), XLA's clip form: the ranks b and n - b - 1 off the
     median's kind of network, then every row clipped to them and summed.
-    `width`, `keyed` and `paired` as `median_source` takes them."""
-    loop = _pair_or_new_loop(n, dtype, width, keyed, paired, "trimmed_mean")
+    `form` as `median_source` takes it."""
+    loop = _pair_or_new_loop(n, dtype, "trimmed_mean", **form)
     if n <= FULL_NETWORK_MAX_N:
         middle = range(b, n - b)
         r = loop.ranks(partition_pairs(n, (b, n - b)), middle, middle)
@@ -810,14 +852,7 @@ def trimmed_mean_source(
     return loop.source(loop.in_floats(clipped, [r[b], r[n - b - 1]]))
 
 
-def mean_around_median_source(
-    n: int,
-    k: int,
-    dtype,
-    width: int | None = None,
-    keyed: bool | None = None,
-    paired: bool | None = None,
-) -> str:
+def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
     """`byzjax._numerics.coordinate_mean_around(x, coordinate_median(x), k)`
     (n <= `NETWORK_MAX_N`; bfloat16 rows widened as XLA's forms widen them):
     the median m and the k-th smallest deviation delta = |x_i - m| (NaN as +Inf)
@@ -833,9 +868,9 @@ def mean_around_median_source(
     ends: min over a of max(|s_a - m|, |s_(a+k-1) - m|). Only the ranks at the
     windows' ends, below n - k + 1 and from k - 1 up, and the median's are
     needed: at (100, k = 76) 1,030 compare-exchanges instead of the 898 of the
-    median plus 890 of a second network over the deviations. `width`, `keyed`
-    and `paired` as `median_source` takes them."""
-    network = _pair_or_new_loop(n, dtype, width, keyed, paired, "mean_around_median")
+    median plus 890 of a second network over the deviations. `form` as
+    `median_source` takes it."""
+    network = _pair_or_new_loop(n, dtype, "mean_around_median", **form)
     ends = sorted({*range(n - k + 1), *range(k - 1, n)})
     # The deviations' bits do not depend on the signs of zeros at the ends, given
     # the median's: |(+-0) - m| is |m| for m != 0, else +0.
