@@ -451,6 +451,26 @@ class _Loop:
             return self.op("andnot_ps", "_mm256_set1_ps(-0.0f)", a)
         return self.op("abs_ps", a)
 
+    # Magnitudes (sign bits clear) order as their bits do as int32, a NaN's above
+    # +Inf's: their min, max and comparisons run on integer instructions, the
+    # same bits as the float ones give. On AMD's cores those run at twice the
+    # float rate (`keyed_exchanges`); the mean around the median of 100 rows
+    # spends about 45 % of its step on float instructions.
+    def magnitude_bound(self, end: str, a: str, b: str) -> str:
+        """min or max (`end`) of magnitudes a and b (NaN-free)."""
+        return self.exchange(a, b, end, ordered=False, keyed=True)
+
+    def deviation(self, a: str) -> str:
+        """|a|, NaN as +Inf: `finite_or_inf(magnitude(a))`."""
+        return self.magnitude_bound("min", self.magnitude(a), self.inf)
+
+    def within(self, a: str, b: str) -> str:
+        """Where magnitude a <= b (b NaN-free): never where a is NaN."""
+        if self.width == 8:  # AVX2 has no such integer comparison
+            return self.compare(a, b, "_CMP_LE_OQ")
+        ints = f"_mm512_castps_si512({a}), _mm512_castps_si512({b})"
+        return self.value(f"_mm512_cmple_epi32_mask({ints})", "__mmask16")
+
     def ranks(self, pairs, needed, checked, ordered=False) -> list[str | None]:
         """The wires after `pairs` (`network`), on order keys where `keyed`.
 
@@ -891,20 +911,22 @@ def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
         def distance(v):
             return loop.magnitude(loop.op("sub_ps", v, m))
 
-        def deviation_of(v):
-            return loop.finite_or_inf(distance(v))
-
         def deviation(i):
-            return deviation_of(loop.raw(i))
+            return loop.deviation(loop.op("sub_ps", loop.raw(i), m))
 
-        sorted_deviation = {j: deviation_of(wire[j]) for j in ends}
+        sorted_deviation = {
+            j: loop.deviation(loop.op("sub_ps", wire[j], m)) for j in ends
+        }
 
         def smallest(rank):
             """The (rank + 1)-th smallest deviation, off the windows of rank + 1."""
             least = None
             for a in range(n - rank):
-                end = loop.op("max_ps", sorted_deviation[a], sorted_deviation[a + rank])
-                least = end if least is None else loop.op("min_ps", least, end)
+                pair = sorted_deviation[a], sorted_deviation[a + rank]
+                end = loop.magnitude_bound("max", *pair)
+                least = (
+                    end if least is None else loop.magnitude_bound("min", least, end)
+                )
             return least
 
         delta = smallest(k - 1)
@@ -920,9 +942,7 @@ def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
         def within_delta():
             return in_order(
                 [
-                    loop.masked(
-                        loop.compare(deviation(i), delta, "_CMP_LE_OQ"), loop.raw(i)
-                    )
+                    loop.masked(loop.within(deviation(i), delta), loop.raw(i))
                     for i in range(n)
                 ]
             )
@@ -956,7 +976,7 @@ def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
             # with a zero total take XLA's form instead.
             total = None
             for i in range(n):
-                within = loop.compare(distance(loop.raw(i)), delta, "_CMP_LE_OQ")
+                within = loop.within(distance(loop.raw(i)), delta)
                 if total is None:
                     total = loop.masked(within, loop.raw(i))
                 else:
