@@ -162,6 +162,28 @@ def alternate(calls, repeats: int) -> list[float]:
     return [statistics.median(r) for r in runs]
 
 
+def copy_floor(x: jax.Array, repeats: int = 5) -> float:
+    """Seconds of `x + 1`: every element read and written once, the device's copy
+    (a GPU's device-to-device copy peak is the performance issue's bandwidth
+    figure; `x + 1` cannot be folded away or aliased to its input)."""
+    return time_jitted(lambda x: x + 1, x, repeats=repeats)["seconds"]
+
+
+def gram_floor(x: jax.Array, repeats: int = 5) -> float:
+    """Seconds of the Gram matrix x x^T at full float32 precision (HIGHEST: no
+    TF32 on a GPU), products accumulated in float32: the distance rules' floor."""
+
+    def gram(x):
+        return jnp.matmul(
+            x,
+            x.T,
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
+
+    return time_jitted(gram, x, repeats=repeats)["seconds"]
+
+
 def paired_floor(fn, x: jax.Array, repeats: int = 9) -> tuple[float, float]:
     """(seconds of fn(x), read-floor seconds), alternated with the floor forms that
     can be the floor: those within 1.5x of the fastest, timed alone first.

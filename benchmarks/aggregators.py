@@ -10,6 +10,14 @@ timings.
 With `--vmap B` each rule is also timed `jax.vmap`ped over B inputs of (n, d / B)
 (a sweep's shape) against B calls on them one after the other (`vmap_ratio`).
 
+On an accelerator (or with `--device-floors`) each shape also gets the floors of
+the issue's GPU targets, measured in the same run: a copy of the input (`x + 1`,
+read and written: `copy_fraction` = the rule's read rate over the copy's rate)
+and its Gram matrix at full float32 precision (`gram_ratio` = the rule's time
+over the Gram's). `--memory` then runs every rule once on an input of half the
+device's memory (`--memory-bytes` to choose it), n = 100: the target that nothing
+runs out of memory when the input fits twice.
+
   python benchmarks/aggregators.py --n 25 100 --d 1e5 1e6 \
       --dtype float32 bfloat16 --out benchmarks/results/aggregators.jsonl
   python benchmarks/aggregators.py --quick --rules median krum
@@ -33,7 +41,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import (  # noqa: E402
     command,
+    copy_floor,
     emit,
+    gram_floor,
     hardware,
     paired_floor,
     read_floor,
@@ -139,6 +149,69 @@ def vmapped(name, x, f, batch: int, repeats: int) -> dict:
     }
 
 
+def device_floors(x, repeats: int) -> dict:
+    """The copy and Gram floors of x (`copy_floor`, `gram_floor`)."""
+    return {"copy_s": copy_floor(x, repeats), "gram_s": gram_floor(x, repeats)}
+
+
+def against_device_floors(seconds: float, floors: dict) -> dict:
+    """A rule's time against the device floors: its read rate over the copy's
+    (which moves twice the input's bytes), its time over the Gram matrix's."""
+    return {
+        **floors,
+        "copy_fraction": floors["copy_s"] / (2 * seconds),
+        "gram_ratio": seconds / floors["gram_s"],
+    }
+
+
+def memory_input(n: int, d: int, dtype):
+    """An (n, d) input made on the device in one fused loop (no host copy, no
+    random bits beside it): distinct rows and columns."""
+
+    def make():
+        rows = jax.lax.broadcasted_iota(jnp.float32, (n, d), 0)
+        cols = jax.lax.broadcasted_iota(jnp.float32, (n, d), 1)
+        return jnp.sin(cols * 1e-3 + rows * 1.7).astype(dtype)
+
+    return jax.jit(make)()
+
+
+def memory_check(kinds, names, dtype, nbytes: int, hw: dict, out) -> None:
+    """Every rule (and pre-aggregator, attack) once on an (100, d) input of
+    `nbytes`: whether it runs, or its error (out of memory, say)."""
+    n = 100
+    d = int(nbytes // (n * jnp.dtype(dtype).itemsize))
+    x = memory_input(n, d, dtype)
+    for kind, name in cases(kinds, names):
+        f = default_f(name, n)
+        rec = {**hw, "kind": "memory", "case": kind, "name": name, "n": n, "d": d}
+        rec.update(f=f, dtype=dtype, input_bytes=n * d * jnp.dtype(dtype).itemsize)
+        try:
+            t = measure(kind, name, x, f, repeats=1)
+            rec.update(ok=True, seconds=t["seconds"], compile_s=t["compile_s"])
+        except Exception as err:  # noqa: BLE001 - recorded, go on
+            rec.update(ok=False, error=f"{type(err).__name__}: {err}"[:300])
+        emit(rec, out)
+        print(
+            f"memory {name:20s} n={n} d={d} {dtype}: "
+            f"{'ok' if rec['ok'] else rec['error']}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def memory_bytes(requested: float | None) -> int:
+    """Half the device's memory (its allocator's limit) unless `requested`."""
+    if requested:
+        return int(requested)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        raise SystemExit(
+            "--memory: this device reports no memory limit; pass --memory-bytes"
+        )
+    return int(stats["bytes_limit"]) // 2
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[25, 100])
@@ -153,68 +226,89 @@ def main(argv=None) -> None:
     p.add_argument(
         "--quick", action="store_true", help="n=25, d=1e5, float32 (a smoke run)"
     )
+    p.add_argument(
+        "--device-floors",
+        action="store_true",
+        help="the copy and Gram floors too (on by default off the CPU)",
+    )
+    p.add_argument(
+        "--memory", action="store_true", help="every rule once on half the memory"
+    )
+    p.add_argument("--memory-bytes", type=float, help="the input's bytes there")
+    p.add_argument("--skip-grid", action="store_true", help="only --memory")
     p.add_argument("--out", default="benchmarks/results/aggregators.jsonl")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.d, args.dtype = [25], [1e5], ["float32"]
     hw = {**hardware(), "command": command()}
+    on_device = args.device_floors or jax.devices()[0].platform != "cpu"
     with open(args.out, "a") as out:
-        for dtype in args.dtype:
-            for n in args.n:
-                for d in map(int, args.d):
-                    rng = np.random.default_rng(0)
-                    x = jnp.asarray(rng.normal(size=(n, d)), dtype=dtype)
-                    floor = read_floor(x, args.repeats)
-                    gb = n * d * x.dtype.itemsize / 1e9
-                    emit(
-                        {
-                            **hw,
-                            "kind": "floor",
-                            "name": "read",
-                            "n": n,
-                            "d": d,
-                            "dtype": dtype,
-                            "seconds": floor,
-                            "gbps": gb / floor,
-                        },
-                        out,
-                    )
-                    for kind, name in cases(args.kinds, args.names):
-                        f = default_f(name, n)
-                        rec = {
-                            **hw,
-                            "kind": kind,
-                            "name": name,
-                            "n": n,
-                            "d": d,
-                            "f": f,
-                            "dtype": dtype,
-                            "floor_s": floor,
-                        }
-                        try:
-                            t = measure(kind, name, x, f, args.repeats)
-                            rec.update(
-                                t,
-                                gbps=gb / t["seconds"],
-                                floor_fraction=floor / t["seconds"],
-                            )
-                            if kind == "rule" and name in FLOOR_RULES:
-                                rec.update(paired(name, x, f))
-                            if kind == "rule" and args.vmap:
-                                rec.update(vmapped(name, x, f, args.vmap, args.repeats))
-                        except Exception as err:  # noqa: BLE001 - recorded, go on
-                            rec["error"] = f"{type(err).__name__}: {err}"[:300]
-                            if "max_subsets" in str(err):  # mda's C(n, f) budget
-                                rec["skipped"] = "C(n, f) above mda's budget"
-                        emit(rec, out)
-                        print(
-                            f"{kind:6s} {name:20s} n={n} d={d} {dtype}: "
-                            f"{rec.get('seconds', float('nan')) * 1e3:9.1f} ms "
-                            f"({rec.get('floor_fraction', 0):.2f} of floor) "
-                            f"{rec.get('error', '')}",
-                            file=sys.stderr,
-                            flush=True,
+        if not args.skip_grid:
+            grid(args, hw, on_device, out)
+        if args.memory:
+            nbytes = memory_bytes(args.memory_bytes)
+            for dtype in args.dtype:
+                memory_check(args.kinds, args.names, dtype, nbytes, hw, out)
+
+
+def grid(args, hw: dict, on_device: bool, out) -> None:
+    """Every case over the (n, d, dtype) grid, one JSON line each; with the
+    device floors where `on_device`."""
+    for dtype in args.dtype:
+        for n in args.n:
+            for d in map(int, args.d):
+                x = grid_input(n, d, dtype)
+                floor = read_floor(x, args.repeats)
+                gb = n * d * x.dtype.itemsize / 1e9
+                shape = {"n": n, "d": d, "dtype": dtype}
+                emit({**hw, "kind": "floor", "name": "read", **shape,
+                      "seconds": floor, "gbps": gb / floor}, out)  # fmt: skip
+                floors = device_floors(x, args.repeats) if on_device else {}
+                if floors:
+                    emit({**hw, "kind": "floor", "name": "copy", **shape,
+                          "seconds": floors["copy_s"],
+                          "gbps": 2 * gb / floors["copy_s"]}, out)  # fmt: skip
+                    emit({**hw, "kind": "floor", "name": "gram", **shape,
+                          "seconds": floors["gram_s"]}, out)  # fmt: skip
+                for kind, name in cases(args.kinds, args.names):
+                    f = default_f(name, n)
+                    rec = {**hw, "kind": kind, "name": name, "n": n, "d": d, "f": f}
+                    rec.update(dtype=dtype, floor_s=floor)
+                    try:
+                        t = measure(kind, name, x, f, args.repeats)
+                        rec.update(
+                            t,
+                            gbps=gb / t["seconds"],
+                            floor_fraction=floor / t["seconds"],
                         )
+                        if floors:
+                            rec.update(against_device_floors(t["seconds"], floors))
+                        if kind == "rule" and name in FLOOR_RULES:
+                            rec.update(paired(name, x, f))
+                        if kind == "rule" and args.vmap:
+                            rec.update(vmapped(name, x, f, args.vmap, args.repeats))
+                    except Exception as err:  # noqa: BLE001 - recorded, go on
+                        rec["error"] = f"{type(err).__name__}: {err}"[:300]
+                        if "max_subsets" in str(err):  # mda's C(n, f) budget
+                            rec["skipped"] = "C(n, f) above mda's budget"
+                    emit(rec, out)
+                    print(
+                        f"{kind:6s} {name:20s} n={n} d={d} {dtype}: "
+                        f"{rec.get('seconds', float('nan')) * 1e3:9.1f} ms "
+                        f"({rec.get('floor_fraction', 0):.2f} of floor) "
+                        f"{rec.get('error', '')}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+
+def grid_input(n: int, d: int, dtype):
+    """Gaussian rows: from NumPy on the CPU (the records' inputs since session 1),
+    drawn on the device elsewhere (a host draw of (128, 1e7) takes seconds)."""
+    if jax.devices()[0].platform != "cpu":
+        key = jax.random.key(0)
+        return jax.jit(lambda k: jax.random.normal(k, (n, d)).astype(dtype))(key)
+    return jnp.asarray(np.random.default_rng(0).normal(size=(n, d)), dtype=dtype)
 
 
 if __name__ == "__main__":

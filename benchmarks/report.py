@@ -36,6 +36,14 @@ MIN_READS = {"centered_clipping": 2, "geometric_median": 4}
 # Rules that need every pairwise distance: their floor is also `FMA_PER_S`'s.
 PAIRWISE_RULES = ("krum", "multi_krum", "nnm")
 
+# The issue's accelerator targets (benchmarks/aggregators.py's device floors): the
+# coordinate-wise rules (`FLOOR_RULES`) at 60 % of the copy's bandwidth up to
+# `COPY_MAX_N` rows; these rules (NNM a pre-aggregator) within 2x of the Gram
+# matrix; every rule compiled in under `COMPILE_MAX_S` at n = 100.
+COPY_TARGET, COPY_MAX_N = 0.6, 128
+GRAM_RULES, GRAM_TARGET = ("krum", "multi_krum", "bulyan", "nnm"), 2.0
+COMPILE_MAX_S = 5.0
+
 # Multiply-adds per second on both cores of each benchmark machine, in 8-lane
 # (AVX2) units: the fastest vector form the CPU has, measured by a C loop of
 # independent FMAs (docs/performance.md; AVX-512 counts as two 8-lane ones). The
@@ -68,6 +76,8 @@ _ISA_BEFORE_RECORDED = {
 def machine(r: dict) -> str:
     """The machine a record ran on: its CPU model name, family, model and widest
     vector unit (one model name covers several of the project's machines)."""
+    if r.get("platform") not in (None, "cpu"):  # an accelerator: its own name
+        return f"{r.get('device', '?')} ({r['platform']})"
     cpu = r.get("cpu", "?")
     isa = r.get("cpu_isa") or _ISA_BEFORE_RECORDED.get(cpu)
     return f"{cpu} ({isa})" if isa else cpu
@@ -145,17 +155,25 @@ def aggregator_tables(rows) -> list[str]:
     shapes = sorted({(r["dtype"], r["n"], r["d"]) for r in rows})
     for dtype, n, d in shapes:
         sel = [r for r in rows if (r["dtype"], r["n"], r["d"]) == (dtype, n, d)]
-        floor = next((r for r in sel if r["kind"] == "floor"), None)
+        floors = {r["name"]: r for r in sel if r["kind"] == "floor"}
         head = f"#### n = {n}, d = {d:.0e}, {dtype}"
-        if floor:
-            head += (
-                f" (read floor {_ms(floor['seconds'])} ms, {floor['gbps']:.1f} GB/s)"
-            )
+        if "read" in floors:
+            read = floors["read"]
+            head += f" (read floor {_ms(read['seconds'])} ms, {read['gbps']:.1f} GB/s"
+            if "copy" in floors and "gram" in floors:
+                head += (
+                    f"; copy {_ms(floors['copy']['seconds'])} ms, "
+                    f"{floors['copy']['gbps']:.0f} GB/s read and written; "
+                    f"Gram matrix {_ms(floors['gram']['seconds'])} ms"
+                )
+            head += ")"
+        device = any("copy_fraction" in r for r in sel)
+        extra = " of copy rate | x Gram |" if device else ""
         out += [
             head,
             "",
-            "| kind | name | f | ms | GB/s | of floor | compile s | temp MB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| kind | name | f | ms | GB/s | of floor | compile s | temp MB |" + extra,
+            "|---|---|---|---|---|---|---|---|" + ("---|---|" if device else ""),
         ]
         for r in sel:
             if r["kind"] == "floor":
@@ -165,10 +183,15 @@ def aggregator_tables(rows) -> list[str]:
                 out.append(f"| {r['kind']} | `{r['name']}` | {r['f']} | {why} |||||")
                 continue
             temp = "—" if r.get("temp") is None else f"{r['temp'] / 1e6:.0f}"
+            cells = (
+                f" {r['copy_fraction']:.2f} | {r['gram_ratio']:.2f} |"
+                if device and "copy_fraction" in r
+                else ""
+            )
             out.append(
                 f"| {r['kind']} | `{r['name']}` | {r['f']} | {_ms(r['seconds'])} | "
                 f"{r['gbps']:.1f} | {r['floor_fraction']:.2f} | "
-                f"{r['compile_s']:.2f} | {temp} |"
+                f"{r['compile_s']:.2f} | {temp} |" + cells
             )
         out.append("")
     return out
@@ -280,6 +303,7 @@ def targets(agg, byzfl, train) -> list[str]:
                 f"{'yes' if frac >= 1 / 1.5 else 'no'} | "
                 f"{1 / frac:.2f}x the floor{how} |"
             )
+    out += device_targets(agg)
     for r in byzfl:
         if r.get("kind") == "train" or "ratio" not in r:
             continue
@@ -315,6 +339,44 @@ def targets(agg, byzfl, train) -> list[str]:
                 f"{r['byzfl_steps_per_s']:.1f} steps/s = {r['ratio']:.1f}x |"
             )
     return out + [""]
+
+
+def device_targets(agg) -> list[str]:
+    """The accelerator targets' rows (records with the device floors, and the
+    memory check's)."""
+    out = []
+    for r in agg:
+        if "copy_fraction" not in r:
+            continue
+        where = f"({r['n']}, {r['d']:.0e}) {r['dtype']}"
+        if r["kind"] == "rule" and r["name"] in FLOOR_RULES and r["n"] <= COPY_MAX_N:
+            ok = r["copy_fraction"] >= COPY_TARGET
+            out.append(
+                f"| `{r['name']}` at >= {COPY_TARGET:.0%} of the copy bandwidth | "
+                f"{where} | {'yes' if ok else 'no'} | {r['copy_fraction']:.0%} |"
+            )
+        if r["name"] in GRAM_RULES:
+            ok = r["gram_ratio"] <= GRAM_TARGET
+            out.append(
+                f"| `{r['name']}` within {GRAM_TARGET:g}x of the Gram matrix | "
+                f"{where} | {'yes' if ok else 'no'} | {r['gram_ratio']:.2f}x |"
+            )
+        if r["n"] == 100:
+            ok = r["compile_s"] < COMPILE_MAX_S
+            out.append(
+                f"| `{r['name']}` compiles in under {COMPILE_MAX_S:g} s | {where} | "
+                f"{'yes' if ok else 'no'} | {r['compile_s']:.1f} s |"
+            )
+    for r in agg:
+        if r["kind"] == "memory":
+            gib = r["input_bytes"] / 2**30
+            detail = "ran" if r["ok"] else r["error"][:120]
+            out.append(
+                f"| `{r['name']}` runs on an input of half the device's memory | "
+                f"(100, {r['d']:.2e}) {r['dtype']}, {gib:.1f} GiB | "
+                f"{'yes' if r['ok'] else 'no'} | {detail} |"
+            )
+    return out
 
 
 def _machines(*files) -> list[str]:
@@ -404,7 +466,11 @@ def render_machine(agg, byzfl, train, ablations, vmapped, loop_forms) -> list[st
         "settings both libraries ran under (a ByzFL child inherits them): `tuned` "
         "is what the byzjax command and benchmark scripts restart with "
         "(byzjax/_allocator.py), "
-        "`glibc default` the plain environment.",
+        "`glibc default` the plain environment. On an accelerator: the "
+        "coordinate-wise rules' read rate against the copy's (`x + 1`, its bytes "
+        "read and written), the distance rules' time against the Gram matrix at "
+        "full float32 precision, compile seconds at n = 100, and every rule on an "
+        "input of half the device's memory (`aggregators.py --memory`).",
         "",
     ]
     lines += targets(agg, byzfl, train)
@@ -415,7 +481,7 @@ def render_machine(agg, byzfl, train, ablations, vmapped, loop_forms) -> list[st
         "",
     ]
     lines += _commands(agg)
-    lines += aggregator_tables(agg)
+    lines += aggregator_tables([r for r in agg if r["kind"] != "memory"])
     lines += [
         "### Rules under `jax.vmap` (sweeps)",
         "",
