@@ -79,10 +79,11 @@ _BLOCK_BYTES = 1024
 # each row is prefetched into L2 `_STREAM_BYTES` ahead of the step and into L1
 # one step ahead, both where the row is first loaded, so the prefetches are
 # spread through the step; the blocks' came in a burst of about 100 lines at the
-# start of each step. In `benchmarks/loop_forms.py` (alternated, three runs of
-# 15-21 rounds), streamed against blocked at (100, 1e6): float32 median 0.89-0.91,
-# trimmed mean 0.92-0.95, mean around the median 0.97; bfloat16 0.86-0.96.
-# (`/tmp` programs with a thread per half: 512 and 2,048 bytes ahead no better.)
+# start of each step. In `benchmarks/loop_forms.py` (alternated, four runs of
+# 15-21 rounds), streamed against blocked at (100, 1e6): float32 median 0.89-0.94,
+# trimmed mean 0.92-0.95, mean around the median 0.96-0.97; bfloat16 0.86-1.01
+# (once 1.09). (`/tmp` programs with a thread per half: 512 and 2,048 bytes ahead
+# no better.)
 _STREAM_BYTES = 1024
 # Compiler flags by columns a step, for loops up to 32 rows. For AVX2, GCC's
 # scheduler before register allocation, aware of register pressure: the median's
@@ -315,9 +316,9 @@ class _Loop:
         run at half the integer min's rate). For equal zeros they return their
         second operand, where XLA's order -0 below +0. The trimmed sum cannot
         tell: it is -0 only where every clipped entry is, which happens in both
-        forms exactly when lo and hi are zeros and hi is -0 (case by case over
-        the signs of lo and hi, and the entries -1, -0, +0, 1 and NaN; a rank of
-        +0 means a +0 entry, which clips to +0 in both)."""
+        forms exactly when lo and hi are zeros and hi is -0 (all rows of 3 to 6
+        entries from -1, -0, +0, 1 and NaN, with every sign a zero rank can take:
+        the same sum in 73,206 cases, a `/tmp` script)."""
         return self.op("min_ps", self.op("max_ps", lo, a), hi)
 
     # Comparisons: AVX2 gives a vector of all-ones lanes, AVX-512 a mask register.
