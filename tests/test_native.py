@@ -648,12 +648,12 @@ def test_bfloat16_kernels_make_no_float32_copy():
 
 
 def _network_inputs(seed, n, d, dtype):
-    """Columns with NaN, +-Inf, 1e38, signed zeros, ties (small integers), a
-    non-finite median and zeros alone."""
+    """Columns with NaN of either sign, +-Inf, 1e38, signed zeros, ties (small
+    integers), a non-finite median and zeros alone."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype(np.float32)
     x[:, : d // 3] = rng.integers(-2, 3, size=(n, d // 3))
-    special = np.array([np.nan, np.inf, -np.inf, 1e38, 0.0, -0.0], np.float32)
+    special = np.array([np.nan, -np.nan, np.inf, -np.inf, 1e38, 0.0, -0.0], np.float32)
     hit = rng.random((n, d)) < 0.08
     x[hit] = rng.choice(special, size=hit.sum())
     # Half the rows -Inf, half +Inf: for even n the median is NaN.
