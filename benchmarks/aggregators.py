@@ -164,6 +164,11 @@ def against_device_floors(seconds: float, floors: dict) -> dict:
     }
 
 
+def error_text(err: Exception) -> str:
+    """A failed case's error as its record keeps it."""
+    return f"{type(err).__name__}: {err}"[:300]
+
+
 def memory_input(n: int, d: int, dtype):
     """An (n, d) input made on the device in one fused loop (no host copy, no
     random bits beside it): distinct rows and columns."""
@@ -190,7 +195,7 @@ def memory_check(kinds, names, dtype, nbytes: int, hw: dict, out) -> None:
             t = measure(kind, name, x, f, repeats=1)
             rec.update(ok=True, seconds=t["seconds"], compile_s=t["compile_s"])
         except Exception as err:  # noqa: BLE001 - recorded, go on
-            rec.update(ok=False, error=f"{type(err).__name__}: {err}"[:300])
+            rec.update(ok=False, error=error_text(err))
         emit(rec, out)
         print(
             f"memory {name:20s} n={n} d={d} {dtype}: "
@@ -292,7 +297,7 @@ def grid(args, hw: dict, on_device: bool, out) -> None:
                         if kind == "rule" and args.vmap:
                             rec.update(vmapped(name, x, f, args.vmap, args.repeats))
                     except Exception as err:  # noqa: BLE001 - recorded, go on
-                        rec["error"] = f"{type(err).__name__}: {err}"[:300]
+                        rec["error"] = error_text(err)
                         if "max_subsets" in str(err):  # mda's C(n, f) budget
                             rec["skipped"] = "C(n, f) above mda's budget"
                     emit(rec, out)

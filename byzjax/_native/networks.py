@@ -807,7 +807,12 @@ class _PairLoop(_Loop):
 
 
 def _new_loop(
-    n: int, dtype, width: int | None, keyed: bool | None, median: bool, streamed
+    n: int,
+    dtype,
+    width: int | None,
+    keyed: bool | None,
+    median: bool,
+    streamed: bool | None,
 ) -> _Loop:
     """A loop of `width` columns a step, this CPU's `native_width()` unless given;
     on order keys where `keyed`, this CPU's `keyed_exchanges` unless given;
@@ -912,12 +917,13 @@ def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
         def distance(v):
             return loop.magnitude(loop.op("sub_ps", v, m))
 
-        def deviation(i):
-            return loop.deviation(loop.op("sub_ps", loop.raw(i), m))
+        def deviation_of(v):
+            return loop.deviation(loop.op("sub_ps", v, m))
 
-        sorted_deviation = {
-            j: loop.deviation(loop.op("sub_ps", wire[j], m)) for j in ends
-        }
+        def deviation(i):
+            return deviation_of(loop.raw(i))
+
+        sorted_deviation = {j: deviation_of(wire[j]) for j in ends}
 
         def smallest(rank):
             """The (rank + 1)-th smallest deviation, off the windows of rank + 1."""
