@@ -18,7 +18,14 @@ from jax import lax
 
 from byzjax import _native
 from byzjax._native import networks
-from byzjax._rows import compute_dtype, promoted_blocks, promoted_rows, promoted_take
+from byzjax._rows import (
+    compute_dtype,
+    promoted_blocks,
+    promoted_rows,
+    promoted_take,
+    promoted_tied,
+    tied,
+)
 from byzjax._sorting import (
     FULL_NETWORK_MAX_N,
     NETWORK_MAX_N,
@@ -50,8 +57,12 @@ def promote(x: jax.Array) -> jax.Array:
 
 
 def kernel_input(x: jax.Array) -> jax.Array:
-    """x as it is where the distance kernels read it, else promoted (float16)."""
-    return x if kernel_rows(x) else promote(x)
+    """x as the distance routines read it: as it is where the CPU kernels take its
+    dtype, promoted where they take only its promoted rows (float16), and as it is
+    off the kernels, whose XLA forms convert rows inside their fused loops (a
+    float32 copy of a bfloat16 x is twice its bytes: the memory target)."""
+    on_kernels = bool(x.size) and _native.usable(x, dtypes=(x.dtype,))
+    return promote(x) if on_kernels and not kernel_rows(x) else x
 
 
 def nan_to_posinf(x: jax.Array) -> jax.Array:
@@ -122,15 +133,16 @@ def row_sum(x: jax.Array) -> jax.Array:
     return map_rows_sum(lambda row: row, x)
 
 
-def map_rows_sum(fn, x: jax.Array) -> jax.Array:
+def map_rows_sum(fn, x: jax.Array, tie: tuple[jax.Array, ...] = ()) -> jax.Array:
     """sum_i fn(x_i) over the rows of an (n, d) array, fused into one pass.
 
     Apply elementwise work row by row through this rather than to the whole array
     before `row_sum`: XLA:CPU materialises a whole-array temporary that is then
     sliced into rows (sign votes over (25, 1e6) took 100 ms that way, against a read
-    floor of 7 ms). The rows are promoted to `compute_dtype` first.
+    floor of 7 ms). The rows are promoted to `compute_dtype` first (`tie`: as in
+    `promoted_rows`).
     """
-    rows = promoted_rows(x)
+    rows = promoted_rows(x, tie=tie)
     return sum_rows(lambda i: fn(rows[i]), x.shape[0])
 
 
@@ -223,7 +235,9 @@ def weighted_row_sum(w: jax.Array, x: jax.Array, keep: jax.Array) -> jax.Array:
             kept = jnp.where(keep, w, 0.0).astype(jnp.float32)
             zero = jnp.zeros(x.shape[1], jnp.float32)
             return _native.step_sq_dists(x, zero, kept, False)[0]
-        x_rows = promoted_rows(x)
+        # Tied to w: in a loop (the geometric median's steps) the rows'
+        # conversions would be hoisted out of it and written out.
+        x_rows = promoted_rows(x, tie=(w,))
         return sum_rows(lambda i: jnp.where(keep[i], w[i] * x_rows[i], 0.0), x.shape[0])
 
     if x.dtype != compute_dtype(x.dtype):
@@ -255,7 +269,10 @@ def dot_mean(x: jax.Array) -> jax.Array:
         if x.dtype == jnp.float32:
             return _native.row_rule(x, _native.MEAN)
         return _native.row_moments(x)[0]
-    x = promote(x)
+    if x.dtype != compute_dtype(x.dtype):
+        # A product would read a float32 copy of the rows: their fused sum instead,
+        # materialised by the barrier (which no consumer fuses through either).
+        return lax.optimization_barrier(row_mean(x))
     ones = jnp.full(x.shape[0], 1.0 / x.shape[0], x.dtype)
     return jnp.matmul(ones, x, precision=HIGHEST)
 
@@ -271,7 +288,9 @@ def mean_std(x: jax.Array, ddof: int) -> tuple[jax.Array, jax.Array]:
         mu, m2 = _native.row_moments(x)
     else:
         mu = dot_mean(x)
-        m2 = map_rows_sum(lambda r: jnp.square(r - mu), x)
+        # Tied to mu: else the rows' conversions are shared with the mean's
+        # and written out.
+        m2 = map_rows_sum(lambda r: jnp.square(r - mu), x, tie=(mu,))
     return mu, jnp.sqrt(m2 / (x.shape[0] - ddof))
 
 
@@ -288,11 +307,13 @@ def sq_norms(x: jax.Array) -> jax.Array:
     family 6 model 167)."""
     if kernel_rows(x):
         return nan_to_posinf(_native.row_sq_norms(x))
-    return _sq_norms(promote(x))
+    return _sq_norms(x)
 
 
 @jax.custom_jvp
 def _sq_norms(x: jax.Array) -> jax.Array:
+    # Promoted inside the reduction, which XLA fuses: no float32 copy of x.
+    x = promote(x)
     return nan_to_posinf(jnp.einsum("nd,nd->n", x, x, precision=HIGHEST))
 
 
@@ -301,8 +322,9 @@ def _sq_norms_jvp(primals, tangents):
     # A non-finite entry contributes no derivative, as in the kernels' rules
     # (`_native._finite`): its 0 * Inf would make the reverse pass NaN.
     (x,), (t,) = primals, tangents
-    finite = jnp.where(jnp.isfinite(x), x, 0.0)
-    return _sq_norms(x), 2.0 * jnp.einsum("nd,nd->n", finite, t, precision=HIGHEST)
+    finite = promote(jnp.where(jnp.isfinite(x), x, 0.0))
+    tangent = 2.0 * jnp.einsum("nd,nd->n", finite, promote(t), precision=HIGHEST)
+    return _sq_norms(x), tangent
 
 
 def norms(x: jax.Array) -> jax.Array:
@@ -355,10 +377,10 @@ def pairwise_sq_dists(x: jax.Array, center: jax.Array | None = None) -> jax.Arra
 
 def gram_sq_dists(x: jax.Array, center: jax.Array | None = None) -> jax.Array:
     """The Gram-matrix form of `pairwise_sq_dists` (pure XLA, every backend)."""
-    x = promote(x)
+    dtype = compute_dtype(x.dtype)
     if center is None:
-        center = jnp.zeros(x.shape[1], x.dtype)
-    gram = centered_gram(x, center.astype(x.dtype))
+        center = jnp.zeros(x.shape[1], dtype)
+    gram = centered_gram(x, center.astype(dtype))
     sq = jnp.diagonal(gram)
     dist = sq[:, None] + sq[None, :] - 2.0 * gram
     dist = jnp.maximum(nan_to_posinf(dist), 0.0)
@@ -376,38 +398,83 @@ def row_sq_dists(x: jax.Array, v: jax.Array) -> jax.Array:
     x = kernel_input(x)
     if kernel_rows(x) and v.dtype == jnp.float32:
         return nan_to_posinf(_native.row_sq_dists(x, v))
-    return reduce_row_sq_dists(promote(x), v)
+    return reduce_row_sq_dists(x, v)
 
 
 def reduce_row_sq_dists(x: jax.Array, v: jax.Array) -> jax.Array:
-    """The pure-XLA form of `row_sq_dists`: one whole-array reduction."""
-    return nan_to_posinf(jnp.einsum("nd,nd->n", x - v, x - v, precision=HIGHEST))
+    """The pure-XLA form of `row_sq_dists`: one whole-array reduction, the rows
+    promoted inside it."""
+    diff = promoted_tied(x, v) - v
+    return nan_to_posinf(jnp.einsum("nd,nd->n", diff, diff, precision=HIGHEST))
 
 
-def centered_gram(x: jax.Array, center: jax.Array) -> jax.Array:
-    """G = (x - c)(x - c)^T at HIGHEST precision, in column blocks on the CPU.
+def row_dots(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w, (n,), for a (d,) vector w in `compute_dtype`, at HIGHEST precision.
+
+    A matrix-vector product where x is in `compute_dtype`; else a fused reduction
+    over the promoted rows, since XLA:CPU writes a product's converted operand out
+    (a float32 copy of a bfloat16 x, twice its bytes) and fuses a reduction's.
+    """
+    if x.dtype == compute_dtype(x.dtype):
+        return jnp.matmul(x, w, precision=HIGHEST)
+    return jnp.sum(promoted_tied(x, w) * w, axis=1)
+
+
+def centered_gram(
+    x: jax.Array, center: jax.Array, block: int | None = None
+) -> jax.Array:
+    """G = (x - c)(x - c)^T in `compute_dtype` at HIGHEST precision, summed over
+    column blocks of x, each promoted and centred on its own: neither a centred
+    nor a promoted copy of the whole of x is written (a product cannot fuse
+    them, and either copy is x's bytes again or twice them).
 
     XLA:CPU is slow on this skinny product (n x n output, contraction over d):
     (25, 1e6) float32 took 194 ms as one matmul and 52 ms as a `fori_loop` over
-    column blocks of 2,048 accumulating small Grams (100 rows: 480 ms and 214 ms with
-    blocks of 8,192). The blocks also subtract the centre on the fly instead of
-    writing a centred copy of x. GPUs run the single matmul well, so they keep it.
+    column blocks of 2,048 accumulating small Grams (100 rows: 480 ms and 214 ms
+    with blocks of 8,192). Accelerators run a single product well, so their
+    blocks are an eighth of the columns (`gram_block`).
+
+    Args:
+      x: (n, d) array.
+      center: (d,) vector in `compute_dtype`.
+      block: columns per block; by default `gram_block` for this backend.
     """
     n, d = x.shape
-    block = 2048 if n <= 32 else 8192
-    if jax.default_backend() != "cpu" or d < 2 * block:
-        xc = x - center
-        return jnp.matmul(xc, xc.T, precision=HIGHEST)
+    if block is None:
+        block = gram_block(n, d, jax.default_backend())
+
+    def gram_of(xb, cb):
+        xb = promote(xb) - cb
+        return jnp.matmul(xb, xb.T, precision=HIGHEST)
+
+    if block >= d:
+        return gram_of(x, center)
     count = d // block
 
     def add_block(i, acc):
-        xb = lax.dynamic_slice_in_dim(x, i * block, block, axis=1)
-        xb = xb - lax.dynamic_slice_in_dim(center, i * block, block)
-        return acc + jnp.matmul(xb, xb.T, precision=HIGHEST)
+        xb = lax.dynamic_slice_in_dim(tied(x, i), i * block, block, axis=1)
+        return acc + gram_of(xb, lax.dynamic_slice_in_dim(center, i * block, block))
 
-    gram = lax.fori_loop(0, count, add_block, jnp.zeros((n, n), x.dtype))
-    rest = x[:, count * block :] - center[count * block :]
-    return gram + jnp.matmul(rest, rest.T, precision=HIGHEST)
+    zero = jnp.zeros((n, n), center.dtype)
+    gram = lax.fori_loop(0, count, add_block, zero)
+    if count * block == d:
+        return gram
+    return gram + gram_of(x[:, count * block :], center[count * block :])
+
+
+# Fewest columns of a block of `centered_gram` on an accelerator.
+_DEVICE_BLOCK_MIN = 1 << 16
+
+
+def gram_block(n: int, d: int, backend: str) -> int:
+    """Columns per block of `centered_gram`: on the CPU 2,048 up to 32 rows and
+    8,192 above (whole below two blocks); elsewhere an eighth of d, at least
+    `_DEVICE_BLOCK_MIN`, so that the blocks' temporaries stay an eighth of a
+    float32 x and each product is still large."""
+    if backend == "cpu":
+        block = 2048 if n <= 32 else 8192
+        return d if d < 2 * block else block
+    return max(-(-d // 8), _DEVICE_BLOCK_MIN)
 
 
 def smallest_k(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -818,4 +885,7 @@ def robust_center(x: jax.Array, f: int) -> jax.Array:
     needs (a 1e38 row cannot move it); a median over all n rows costs a sorting
     network over n rows (230 ms at (100, 1e6) on XLA:CPU, more than the Gram).
     """
-    return coordinate_median(x[: min(x.shape[0], 2 * f + 1)])
+    m = 2 * f + 1
+    if m >= x.shape[0]:
+        return coordinate_median(x)
+    return order_statistics(x, [f], count=m)[0]

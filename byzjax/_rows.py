@@ -29,14 +29,43 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def promoted_rows(x: jax.Array) -> list[jax.Array]:
-    """[x[0], ..., x[n - 1]] in `compute_dtype`, converted inside their consumers."""
-    return promoted_take(x, lambda group, i: group[i], x.shape[0])
+def promoted_rows(
+    x: jax.Array, count: int | None = None, tie: tuple[jax.Array, ...] = ()
+) -> list[jax.Array]:
+    """[x[0], ..., x[count - 1]] (every row by default) in `compute_dtype`,
+    converted inside their consumers. Pass `count` rather than a slice of x: the
+    groups' barriers would write a bfloat16 slice out. `tie`: see `tied` (in a
+    loop, its carry, or the conversions are hoisted out as 4 bytes a row)."""
+    count = x.shape[0] if count is None else count
+    return promoted_take(x, lambda group, i: group[i], count, tie)
 
 
-def promoted_take(x: jax.Array, take, count: int) -> list[jax.Array]:
+def tied(x: jax.Array, *others: jax.Array) -> jax.Array:
+    """x behind one barrier with `others` (an alias of x, not a copy), for work on
+    the whole of x that XLA would otherwise write out as a whole-array temporary:
+    in a loop whose counter or carry is among `others`, it cannot be hoisted out
+    of the loop (the promotion of x in `promoted_blocks`: 406 MB of temporaries
+    at (100, 1e6) bfloat16); and a promotion of x tied to its consumer's other
+    operands is not merged by CSE with another consumer's promotion of x into
+    one shared conversion, which XLA:CPU writes out rather than fuse into both."""
+    x, _ = lax.optimization_barrier((x, others))
+    return x
+
+
+def promoted_tied(x: jax.Array, *others: jax.Array) -> jax.Array:
+    """x in `compute_dtype` for one fused consumer, `tied` to its other operands
+    where x needs promoting (x itself where not, so that a computed x still fuses
+    into the consumer)."""
+    dtype = compute_dtype(x.dtype)
+    return x if x.dtype == dtype else tied(x, *others).astype(dtype)
+
+
+def promoted_take(
+    x: jax.Array, take, count: int, tie: tuple[jax.Array, ...] = ()
+) -> list[jax.Array]:
     """[take(x, j) for j < count] in `compute_dtype`, for row reads `take` (static or
-    dynamic slices), converted inside their consumers."""
+    dynamic slices), converted inside their consumers (`tie`: as in
+    `promoted_rows`)."""
     dtype = compute_dtype(x.dtype)
     if x.dtype == dtype:
         return [take(x, j) for j in range(count)]
@@ -45,7 +74,7 @@ def promoted_take(x: jax.Array, take, count: int) -> list[jax.Array]:
         # Chained: barriers of x itself are identical and CSE merges them. The
         # first group too, or its conversion merges with another consumer's
         # conversion of x (a norm's reduction) into one shared, written-out one.
-        group = lax.optimization_barrier(group)
+        group = tied(group, *tie)
         rows += [
             take(group, j).astype(dtype)
             for j in range(start, min(count, start + _GROUP))
@@ -74,10 +103,9 @@ def promoted_blocks(fn, x: jax.Array) -> jax.Array:
         return fn(x.astype(dtype))
 
     def body(j, out):
-        # x tied to the loop's counter: else XLA hoists the conversion of the
-        # whole of x out of the loop (406 MB of temporaries). The last block
-        # overlaps the one before it, so every block has the same width.
-        xj, _ = lax.optimization_barrier((x, j))
+        # The last block overlaps the one before it, so every block has the
+        # same width.
+        xj = tied(x, j)
         start = jnp.minimum(j * _BLOCK, d - _BLOCK)
         block = lax.dynamic_slice_in_dim(xj, start, _BLOCK, axis=1).astype(dtype)
         return lax.dynamic_update_slice_in_dim(out, fn(block), start, axis=0)

@@ -115,7 +115,7 @@ def _network(
 
 
 def order_statistics(
-    x: jax.Array, ks: Sequence[int], select: bool = True
+    x: jax.Array, ks: Sequence[int], select: bool = True, count: int | None = None
 ) -> list[jax.Array]:
     """The order statistics x_(k+1) (0-based k) of each column of an (n, d) array.
 
@@ -134,18 +134,21 @@ def order_statistics(
         `SELECT_MAX_N` rows that are themselves computed from another network
         (mean-around-median's deviations) took 99 s to compile; such callers pass
         False.
+      count: the statistics of the first `count` rows only (all by default).
 
     Returns:
       One (d,) array per rank, in the order of `ks`.
     """
-    n = x.shape[0]
+    n = x.shape[0] if count is None else count
     # Promoted rows are computed rows too (see `select`).
     select = select and (n <= SELECT_MAX_N or x.dtype == compute_dtype(x.dtype))
     few = n <= FULL_NETWORK_MAX_N or (n <= NETWORK_MAX_N and len(ks) <= 4)
     if few and x.shape[1] > SORT_MAX_D:
-        ranked = _network([_nan_to_posinf(r) for r in promoted_rows(x)], select)
+        rows = promoted_rows(x, n)
+        ranked = _network([_nan_to_posinf(r) for r in rows], select)
     else:
-        ranked = jnp.sort(_nan_to_posinf(x.astype(compute_dtype(x.dtype))), axis=0)
+        x = x[:n].astype(compute_dtype(x.dtype))
+        ranked = jnp.sort(_nan_to_posinf(x), axis=0)
     return list(lax.optimization_barrier(tuple(ranked[k] for k in ks)))
 
 

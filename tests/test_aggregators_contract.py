@@ -144,11 +144,9 @@ def test_rule_shape_dtype_and_non_finite_rows(name, dtype):
 
 @pytest.mark.parametrize("n", [25, 40])
 @pytest.mark.parametrize("name", sorted(RULES))
-def test_rule_reads_bfloat16_without_a_float32_copy(name, n):
+def test_rule_reads_bfloat16_without_a_float32_copy(name, n, kernels_or_xla):
     """Memory target: input + O(n^2 + d). A float32 copy of a bfloat16 (n, d) input
     is twice its bytes; the rule's temporaries must stay under half of them."""
-    if not byzjax._native.enabled():
-        pytest.skip("the distance rules read bfloat16 through the CPU kernels")
     cfg = RULES[name]
     f = 2 if name == "mda" else cfg["f"]
     agg = aggregators.get(name)(f, **cfg["params"])
@@ -550,13 +548,11 @@ PRE_COPIES = {"nnm"}
 
 @pytest.mark.parametrize("rule", ["median", "mean"])
 @pytest.mark.parametrize("name", sorted(PRE))
-def test_pre_reads_bfloat16_without_a_float32_copy(name, rule):
+def test_pre_reads_bfloat16_without_a_float32_copy(name, rule, kernels_or_xla):
     """The chain in front of a rule that fuses computed rows: the pre-aggregator's
     rows stay inside the rule's loop, as in float32."""
     if name in PRE_COPIES:
         pytest.skip("documented exception")
-    if not byzjax._native.enabled():
-        pytest.skip("the norms read bfloat16 through the CPU kernels")
     agg = aggregators.build(rule, f=2, pre=[(name, PRE[name]["params"])])
     n = 25
     x = jax.ShapeDtypeStruct((n, 1_000_000), jnp.bfloat16)

@@ -168,9 +168,7 @@ STORED = {"alie", "ipm", "large_opposite", "sign_flip"}
 
 
 @pytest.mark.parametrize("name", sorted(STORED))
-def test_stored_attacks_read_bfloat16_without_a_float32_copy(name):
-    if not byzjax._native.enabled():
-        pytest.skip("the CPU kernels read bfloat16 rows as they are")
+def test_stored_attacks_read_bfloat16_without_a_float32_copy(name, kernels_or_xla):
     h, d = 20, 200_000
     atk = attacks.build(name)
     x = jax.ShapeDtypeStruct((h, d), jnp.bfloat16)

@@ -352,6 +352,49 @@ def test_pairwise_sq_dists_match_numpy_on_every_path(n, d, native, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_centered_gram_blocks_match_numpy(backend, dtype):
+    # Each backend's blocks, run here: the CPU's 2,048 columns, an accelerator's
+    # eighth of d (at least 2**16: two blocks and a remainder at this d), each
+    # promoted and centred on its own; the bound is float32 rounding of the sums
+    # of |products|.
+    n, d = 6, 140_001
+    block = nm.gram_block(n, d, backend)
+    assert block < d
+    rng = np.random.default_rng([6, backend == "gpu", dtype == jnp.bfloat16])
+    x = jnp.asarray(rng.normal(size=(n, d)) + 3.0, dtype)
+    x64 = np.asarray(x, np.float64)
+    center = jnp.asarray(np.median(x64, axis=0), jnp.float32)
+    got = jax.jit(nm.centered_gram, static_argnums=2)(x, center, block)
+    xc = x64 - np.asarray(center, np.float64)
+    bound = 1e-5 * (np.abs(xc) @ np.abs(xc).T)
+    assert np.all(np.abs(np.asarray(got, np.float64) - xc @ xc.T) <= bound)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_centered_gram_on_an_accelerator_writes_one_block(dtype):
+    # The memory target on a GPU: no centred or promoted copy of the whole of x
+    # (a product cannot fuse either), one float32 block at a time.
+    n, d = 16, 1 << 21
+    block = nm.gram_block(n, d, "gpu")
+    assert 8 * block == d
+    x = jax.ShapeDtypeStruct((n, d), dtype)
+    center = jax.ShapeDtypeStruct((d,), jnp.float32)
+    fn = jax.jit(lambda x, c: nm.centered_gram(x, c, block))
+    temp = fn.lower(x, center).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 1.1 * n * block * 4, f"{temp / 1e6:.1f} MB of temporaries"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_row_dots_match_numpy(dtype):
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(9, 301)), dtype)
+    w = rng.normal(size=301).astype(np.float32)
+    want = np.asarray(x, np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(jax.jit(nm.row_dots)(x, w), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 25])
 def test_row_sum_and_norms(n):
     rng = np.random.default_rng(n)

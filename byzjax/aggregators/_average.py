@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from byzjax import _native
 from byzjax._checks import static_int
-from byzjax._numerics import compute_dtype, row_mean, weighted_row_sum
+from byzjax._numerics import row_mean, weighted_row_sum
 from byzjax.aggregators._base import Aggregator, stateless
 
 # Above this many float32 rows, XLA's fused row sum is slower than one read.
@@ -36,7 +36,7 @@ def mean(f: int = 0) -> Aggregator:
     def average(x, kernel_dtypes):
         if x.size and _native.usable(x, dtypes=kernel_dtypes):
             return _native.row_rule(x, _native.MEAN)
-        return row_mean(x.astype(compute_dtype(x.dtype)))
+        return row_mean(x)
 
     def fn(x, params):
         # Stored rows on the CPU through the kernel: XLA:CPU's loops over 16-bit

@@ -119,7 +119,6 @@ def centered_clipping(
         chex.assert_rank(grads, 2)
         n = grads.shape[0]
         require(n >= 2 * f + 1, rule, "n >= 2f + 1", n=n, f=f)
-        # The kernels read bfloat16 rows as they are; the products do not.
         x = kernel_input(grads)
         kernel = kernel_rows(x)
         dtype = compute_dtype(x.dtype)

@@ -30,6 +30,7 @@ from byzjax._numerics import (
     promoted_rows,
     robust_center,
     root,
+    row_dots,
     row_sq_dists,
     sum_rows,
     weighted_row_sum,
@@ -201,7 +202,6 @@ def geometric_median(
     def fn(x, params):
         n = x.shape[0]
         require(n >= 2 * f + 1, rule, "n >= 2f + 1", n=n, f=f)
-        # The kernels read bfloat16 rows as they are; the products below do not.
         x = kernel_input(x)
         kernel = kernel_rows(x)
         floor = jnp.asarray(params["nu"], compute_dtype(x.dtype))
@@ -277,9 +277,7 @@ def geometric_median(
 
         def step(_, z):
             w = z - c
-            proj = jnp.matmul(x, w, precision=HIGHEST) - jnp.dot(
-                c, w, precision=HIGHEST
-            )
+            proj = row_dots(x, w) - jnp.dot(c, w, precision=HIGHEST)
             sq = jnp.maximum(a - 2.0 * proj + jnp.dot(w, w, precision=HIGHEST), 0.0)
             return move(z, sq, usable)
 

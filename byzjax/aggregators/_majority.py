@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from byzjax import _native
 from byzjax._checks import require, static_int
-from byzjax._numerics import compute_dtype, map_rows_sum
+from byzjax._numerics import map_rows_sum
 from byzjax.aggregators._base import Aggregator, stateless
 
 
@@ -63,7 +63,6 @@ def sign_majority(f: int = 0, *, zero_sign: int = 0) -> Aggregator:
         require(n >= 2 * f + 1, "sign_majority", "n >= 2f + 1", n=n, f=f)
         if x.size and _native.usable(x, dtypes=kernel_dtypes):
             return _native.row_rule(x, mode)
-        x = x.astype(compute_dtype(x.dtype))
         return _sign(map_rows_sum(lambda r: _vote(r, zero_sign), x), zero_sign)
 
     def fn(x, params):
