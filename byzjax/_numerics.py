@@ -19,6 +19,7 @@ from jax import lax
 from byzjax import _native
 from byzjax._native import networks
 from byzjax._rows import (
+    column_block,
     compute_dtype,
     promoted_blocks,
     promoted_rows,
@@ -462,19 +463,13 @@ def centered_gram(
     return gram + gram_of(x[:, count * block :], center[count * block :])
 
 
-# Fewest columns of a block of `centered_gram` on an accelerator.
-_DEVICE_BLOCK_MIN = 1 << 16
-
-
 def gram_block(n: int, d: int, backend: str) -> int:
     """Columns per block of `centered_gram`: on the CPU 2,048 up to 32 rows and
-    8,192 above (whole below two blocks); elsewhere an eighth of d, at least
-    `_DEVICE_BLOCK_MIN`, so that the blocks' temporaries stay an eighth of a
-    float32 x and each product is still large."""
-    if backend == "cpu":
-        block = 2048 if n <= 32 else 8192
-        return d if d < 2 * block else block
-    return max(-(-d // 8), _DEVICE_BLOCK_MIN)
+    8,192 above (whole below two blocks); elsewhere `column_block`'s eighth of
+    d, each product still large."""
+    cpu_block = 2048 if n <= 32 else 8192
+    block = column_block(d, cpu_block, backend)
+    return d if backend == "cpu" and d < 2 * block else block
 
 
 def smallest_k(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

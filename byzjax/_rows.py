@@ -82,32 +82,48 @@ def promoted_take(
     return rows
 
 
-# Columns per block of `promoted_blocks`: at (100, 1e6) 4,096 and 16,384 took the
-# same time, with 1.6 and 6.6 MB of temporaries.
+# Columns per block of `promoted_blocks` on the CPU: at (100, 1e6) 4,096 and
+# 16,384 took the same time, with 1.6 and 6.6 MB of temporaries.
 _BLOCK = 4096
 
+# An accelerator's column blocks: an eighth of d, at least 2**16 columns.
+_DEVICE_BLOCKS, _DEVICE_BLOCK_MIN = 8, 1 << 16
 
-def promoted_blocks(fn, x: jax.Array) -> jax.Array:
+
+def column_block(d: int, cpu_block: int, backend: str) -> int:
+    """Columns per block of a loop over the column blocks of x, for work that
+    would otherwise write a whole-array temporary: `cpu_block` on the CPU; on an
+    accelerator an eighth of d (at least `_DEVICE_BLOCK_MIN`), since each step of
+    the loop is a launch or more there, and a block is still at most an eighth of
+    a float32 x."""
+    if backend == "cpu":
+        return cpu_block
+    return max(-(-d // _DEVICE_BLOCKS), _DEVICE_BLOCK_MIN)
+
+
+def promoted_blocks(fn, x: jax.Array, block: int | None = None) -> jax.Array:
     """fn(column block of x in `compute_dtype`) -> (width,), one block at a time
     (fn(x) itself where x is in `compute_dtype` already).
 
     For a rule whose promoted rows feed a chain of networks that XLA:CPU cannot
     compile fused (minutes), so that it needs a float32 copy: a copy of each block
-    of `_BLOCK` columns in turn instead of the whole array. The loop body runs on
-    one thread, against two for fused loops; mean-around-median of (100, 1e6)
-    bfloat16 took 342 against 290-298 ms, with 1.6 MB of temporaries against 400.
+    of columns in turn (`column_block`; `block` overrides it) instead of the whole
+    array. On the CPU the loop body runs on one thread, against two for fused
+    loops; mean-around-median of (100, 1e6) bfloat16 took 342 against 290-298
+    ms, with 1.6 MB of temporaries against 400.
     """
     n, d = x.shape
     dtype = compute_dtype(x.dtype)
-    if x.dtype == dtype or d <= _BLOCK:
+    if block is None:
+        block = column_block(d, _BLOCK, jax.default_backend())
+    if x.dtype == dtype or d <= block:
         return fn(x.astype(dtype))
 
     def body(j, out):
         # The last block overlaps the one before it, so every block has the
         # same width.
-        xj = tied(x, j)
-        start = jnp.minimum(j * _BLOCK, d - _BLOCK)
-        block = lax.dynamic_slice_in_dim(xj, start, _BLOCK, axis=1).astype(dtype)
-        return lax.dynamic_update_slice_in_dim(out, fn(block), start, axis=0)
+        start = jnp.minimum(j * block, d - block)
+        xb = lax.dynamic_slice_in_dim(tied(x, j), start, block, axis=1)
+        return lax.dynamic_update_slice_in_dim(out, fn(xb.astype(dtype)), start, axis=0)
 
-    return lax.fori_loop(0, -(-d // _BLOCK), body, jnp.zeros(d, dtype))
+    return lax.fori_loop(0, -(-d // block), body, jnp.zeros(d, dtype))

@@ -11,6 +11,7 @@ from jax import lax
 
 from byzjax import _numerics as nm
 from byzjax import _sorting
+from byzjax._rows import column_block, promoted_blocks
 
 
 def _sanitized(x):
@@ -384,6 +385,25 @@ def test_centered_gram_on_an_accelerator_writes_one_block(dtype):
     fn = jax.jit(lambda x, c: nm.centered_gram(x, c, block))
     temp = fn.lower(x, center).compile().memory_analysis().temp_size_in_bytes
     assert temp < 1.1 * n * block * 4, f"{temp / 1e6:.1f} MB of temporaries"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_promoted_blocks_cover_every_column_once(backend):
+    # Each backend's blocks, run here; the last block overlaps the one before it
+    # (d is no multiple of either width), and its columns must come out once.
+    n, d = 5, 140_001
+    block = column_block(d, 4096, backend)
+    assert block < d and d % block
+    rng = np.random.default_rng(int(backend == "gpu"))
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.bfloat16)
+
+    def fn(xb):
+        assert xb.dtype == jnp.float32 and xb.shape == (n, block)
+        return xb.sum(axis=0)
+
+    got = jax.jit(lambda x: promoted_blocks(fn, x, block))(x)
+    want = np.asarray(x, np.float64).sum(axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
