@@ -56,6 +56,7 @@ from byzjax._sorting import (
     middle_ranks,
     partition_pairs,
     window_cuts,
+    window_ends,
 )
 
 # Prefetch distance up to 32 rows: each row 512 bytes ahead (from XLA's loop,
@@ -893,16 +894,13 @@ def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
     it, the usual case), exactly k are within delta and all are taken: the same
     sum without the counts.
 
-    Over the sorted values s_0 <= ... <= s_(n-1) the deviations fall, then rise
-    (rounding is monotone), so the k smallest are those of a window of k
-    consecutive ranks, and the k-th smallest is the least of the windows' larger
-    ends: min over a of max(|s_a - m|, |s_(a+k-1) - m|). Only the ranks at the
-    windows' ends, below n - k + 1 and from k - 1 up, and the median's are
-    needed: at (100, k = 76) 1,030 compare-exchanges instead of the 898 of the
-    median plus 890 of a second network over the deviations. `form` as
-    `median_source` takes it."""
+    delta is the least of the larger ends of the windows of k consecutive ranks
+    (`_sorting.window_ends`), so only the ranks at the windows' ends and the
+    median's are needed: at (100, k = 76) 1,030 compare-exchanges instead of
+    the 898 of the median plus 890 of a second network over the deviations.
+    `form` as `median_source` takes it."""
     network = _pair_or_new_loop(n, dtype, "mean_around_median", **form)
-    ends = sorted({*range(n - k + 1), *range(k - 1, n)})
+    ends = window_ends(n, k)
     # The deviations' bits do not depend on the signs of zeros at the ends, given
     # the median's: |(+-0) - m| is |m| for m != 0, else +0.
     needed = sorted({*ends, *middle_ranks(n)})
