@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from byzjax import _native
 from byzjax._native import cpu_info
 
 
@@ -42,6 +43,9 @@ def hardware() -> dict:
     dev = jax.devices()[0]
     return {
         "platform": dev.platform,
+        # Which forms of the rules ran: the CPU kernels, or the pure-XLA forms
+        # (every accelerator; a CPU with BYZJAX_NATIVE=0 or no C++ compiler).
+        "forms": "kernels" if dev.platform == "cpu" and _native.enabled() else "xla",
         "device": dev.device_kind,
         "cpu": cpu,
         "cpu_isa": isa,
@@ -200,9 +204,15 @@ def paired_floor(fn, x: jax.Array, repeats: int = 9) -> tuple[float, float]:
     return times[0], min(times[1:])
 
 
+# Environment variables a record's command shows.
+_COMMAND_ENV = ("BYZJAX_NATIVE", "BYZJAX_NATIVE_FLAGS")
+
+
 def command() -> str:
-    """The command line that produced a record, for the report."""
-    return " ".join(["python", *sys.argv])
+    """The command line that produced a record, for the report, with the
+    byzjax variables that change what runs (`BYZJAX_NATIVE=0`: the XLA forms)."""
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k in _COMMAND_ENV]
+    return " ".join([*env, "python", *sys.argv])
 
 
 def emit(record: dict, out) -> None:

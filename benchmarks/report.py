@@ -113,7 +113,7 @@ def load(name: str, results: str = os.path.join(HERE, "results")) -> list[dict]:
             if not line.strip():
                 continue
             r = json.loads(line)
-            key = (machine(r),) + tuple(
+            key = (machine(r), r.get("forms", "kernels")) + tuple(
                 r.get(k)
                 for k in ("kind", "name", "rule", "n", "d", "dtype", "attack", "input")
             )
@@ -436,8 +436,16 @@ def _anchor(title: str) -> str:
     return kept.replace(" ", "-")
 
 
+def _xla_on_cpu(r: dict) -> bool:
+    """A CPU record of the pure-XLA forms (`BYZJAX_NATIVE=0`), kept apart from the
+    kernels' records and targets."""
+    return r.get("forms") == "xla" and r.get("platform") == "cpu"
+
+
 def render_machine(agg, byzfl, train, ablations, vmapped, loop_forms) -> list[str]:
     """The section of one machine: its hardware, targets and tables."""
+    xla = [r for r in agg if _xla_on_cpu(r)]
+    agg = [r for r in agg if not _xla_on_cpu(r)]
     any_row = (agg or byzfl or train or [{}])[0]
     hw = (
         f"{machine(any_row)}, {any_row.get('cpu_count', '?')} cores, "
@@ -482,6 +490,18 @@ def render_machine(agg, byzfl, train, ablations, vmapped, loop_forms) -> list[st
     ]
     lines += _commands(agg)
     lines += aggregator_tables([r for r in agg if r["kind"] != "memory"])
+    if xla:
+        lines += [
+            "### The XLA forms on this CPU (`BYZJAX_NATIVE=0`)",
+            "",
+            "The forms every accelerator compiles, and a CPU without a C++ "
+            "compiler runs: no CPU kernels, no generated loops. Not the "
+            "library's speed on this CPU (above), but their compile seconds and "
+            "temporaries stand for what a GPU's compiler is given. Commands:",
+            "",
+        ]
+        lines += _commands(xla)
+        lines += aggregator_tables([r for r in xla if r["kind"] != "memory"])
     lines += [
         "### Rules under `jax.vmap` (sweeps)",
         "",

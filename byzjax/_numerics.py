@@ -850,7 +850,8 @@ def _mean_around_own_median(x: jax.Array, k: int) -> jax.Array:
     loop has them (`networks.mean_around_median_source`), the same delta so the
     same bits: at (100, k = 76) 1,030 compare-exchanges against the 898 of the
     median's network and 890 of a second one over the deviations; XLA:CPU
-    compiled it in 2.4 against 3.6 s, and ran it in 104 against 115 ms."""
+    compiled it in 2.2-2.7 against 3.6-4.7 s, and ran it in 104 against 115
+    ms."""
     n = x.shape[0]
     middle = middle_ranks(n)
     ranks = {*window_ends(n, k), *middle}

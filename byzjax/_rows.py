@@ -34,8 +34,9 @@ def promoted_rows(
 ) -> list[jax.Array]:
     """[x[0], ..., x[count - 1]] (every row by default) in `compute_dtype`,
     converted inside their consumers. Pass `count` rather than a slice of x: the
-    groups' barriers would write a bfloat16 slice out. `tie`: see `tied` (in a
-    loop, its carry, or the conversions are hoisted out as 4 bytes a row)."""
+    groups' barriers would write a bfloat16 slice out. `tie`: arrays the
+    conversions are `tied` to (in a loop, its carry: else the converted rows are
+    hoisted out of it, and written out)."""
     count = x.shape[0] if count is None else count
     return promoted_take(x, lambda group, i: group[i], count, tie)
 
