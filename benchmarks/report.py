@@ -496,8 +496,10 @@ def render_machine(agg, byzfl, train, ablations, vmapped, loop_forms) -> list[st
             "",
             "The forms every accelerator compiles, and a CPU without a C++ "
             "compiler runs: no CPU kernels, no generated loops. Not the "
-            "library's speed on this CPU (above), but their compile seconds and "
-            "temporaries stand for what a GPU's compiler is given. Commands:",
+            "library's speed on this CPU (above); their temporaries, and "
+            "XLA:CPU's compile seconds for the programs a GPU's compiler is "
+            "given too (a GPU's own compile time is not measured here). "
+            "Commands:",
             "",
         ]
         lines += _commands(xla)
