@@ -38,6 +38,7 @@ from byzjax._sorting import (
     sort_rows,
     window_cuts,
     window_ends,
+    written,
 )
 
 HIGHEST = lax.Precision.HIGHEST
@@ -507,19 +508,30 @@ def _selection_kernel(x: jax.Array, n: int | None = None) -> bool:
     return _network_kernel(x, max_n=NETWORK_MAX_N, n=n)
 
 
+def differentiated_as(fn, form, x: jax.Array, *rest) -> jax.Array:
+    """`fn(x, *rest)`, differentiated in x as `form(x, *rest)`: a function with
+    the same values near x (the same selection of rows), for a fast form whose
+    own derivative cannot be taken (a CPU loop) or is costly (a network's
+    wires, see `_sorting._wires`)."""
+    rule = jax.custom_jvp(fn)
+    rule.defjvp(
+        lambda primals, tangents: (
+            fn(*primals),
+            jax.jvp(lambda x: form(x, *primals[1:]), primals[:1], tangents[:1])[1],
+        )
+    )
+    return rule(x, *rest)
+
+
 def _through_network(
     x: jax.Array, source: str, xla_form, idx: jax.Array | None = None
 ) -> jax.Array:
     """The generated loop `source` over the rows of x, or over x[idx], differentiated
     as `xla_form(x)`, or `xla_form(x, idx)` (the same values, bit for bit)."""
     rest = () if idx is None else (idx,)
-    rule = jax.custom_jvp(lambda x, *rest: networks.network_rule(x, source, *rest))
-    rule.defjvp(
-        lambda primals, tangents: jax.jvp(
-            lambda x: xla_form(x, *primals[1:]), primals[:1], tangents[:1]
-        )
+    return differentiated_as(
+        lambda x, *rest: networks.network_rule(x, source, *rest), xla_form, x, *rest
     )
-    return rule(x, *rest)
 
 
 def mean_around_median_of(x: jax.Array, idx: jax.Array, k: int) -> jax.Array:
@@ -533,10 +545,13 @@ def mean_around_median_of(x: jax.Array, idx: jax.Array, k: int) -> jax.Array:
         y = take_rows(x, idx)
         return coordinate_mean_around(y, coordinate_median(y), k)
 
+    def form(x, idx):
+        return _mean_around_selected(take_rows(x, idx), k)
+
     if not _selection_kernel(x, m):
-        return xla_form(x, idx)
+        return differentiated_as(xla_form, form, x, idx)
     source = networks.mean_around_median_source(m, k, x.dtype.type)
-    return _through_network(x, source, xla_form, idx)
+    return _through_network(x, source, form, idx)
 
 
 def coordinate_median(x: jax.Array, *, stored: bool = False) -> jax.Array:
@@ -644,15 +659,64 @@ def coordinate_trimmed_mean(x: jax.Array, b: int, *, stored: bool = False) -> ja
     n = x.shape[0]
     if b == 0:
         return row_mean(x)
+    clipped = functools.partial(_clipped_mean, b=b)
+    selected = functools.partial(_trimmed_mean_selected, b=b)
     if stored and _selection_kernel(x):
         source = networks.trimmed_mean_source(n, b, x.dtype.type)
-        return _through_network(x, source, lambda x: coordinate_trimmed_mean(x, b))
-    if n <= FULL_NETWORK_MAX_N:
-        # The middle ranks summed inside the network's fused loop: one read of x
-        # instead of two (network, then clipping pass), 10-25 % faster at n = 25
-        # and 32 though the network keeps more compare-exchanges.
-        middle = ranked_rows(x, cuts=(b, n - b))[b : n - b]
-        return sum_rows(lambda i: middle[i], n - 2 * b) / (n - 2 * b)
+        return _through_network(x, source, selected)
+    if n > FULL_NETWORK_MAX_N:
+        return differentiated_as(clipped, selected, x)
+    # The middle ranks summed inside the network's fused loop: one read of x
+    # instead of two (network, then clipping pass), 10-25 % faster at n = 25 and
+    # 32 though the network keeps more compare-exchanges.
+    return differentiated_as(functools.partial(_middle_mean, b=b), selected, x)
+
+
+def _trimmed_mean_selected(x: jax.Array, b: int) -> jax.Array:
+    """`coordinate_trimmed_mean(x, b)` for its derivative: the rows between the
+    two order statistics lo = x_(b+1) and hi = x_(n-b), 1/(n - 2b) each, and the
+    rows equal to lo or to hi sharing the middle ranks that hold their value
+    equally (the wires' `_sorting._value_tangent`). The clipped form's own
+    derivative wrote every row's clipping out and gathered them: 0.33 s a call at
+    (100, 2e4)."""
+    n = x.shape[0]
+    v = _selecting_values(x)
+    lo, hi = map(written, order_statistics(lax.stop_gradient(x), [b, n - b - 1]))
+    at_lo, at_hi = v == lo, (v == hi) & (hi != lo)
+    # Middle ranks holding lo: those from b up to its last rank (all of them
+    # when lo == hi); holding hi (< lo's): those from its first rank to n - b - 1.
+    lo_ranks = jnp.minimum(jnp.sum(v <= lo, axis=0), n - b) - b
+    hi_ranks = n - b - jnp.sum(v < hi, axis=0)
+    weights = (
+        ((lo < v) & (v < hi))
+        + at_lo * (lo_ranks / jnp.sum(at_lo, axis=0))
+        + at_hi * (hi_ranks / jnp.maximum(jnp.sum(at_hi, axis=0), 1))
+    )
+    return _weighted_by(x, weights / (n - 2 * b))
+
+
+def _selecting_values(x: jax.Array) -> jax.Array:
+    """The values the order statistics of x compare (NaN as +Inf), in
+    `compute_dtype`, with no derivative: they select, they are not summed."""
+    return nan_to_posinf(promote(lax.stop_gradient(x)))
+
+
+def _weighted_by(x: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum_i w_i x_i over the rows of x (w of x's shape), the weights held as
+    they are (no derivative flows through them), zero weights exact on a
+    non-finite x."""
+    w = lax.stop_gradient(weights)
+    return jnp.sum(jnp.where(w != 0, w * promote(x), 0.0), axis=0)
+
+
+def _middle_mean(x: jax.Array, b: int) -> jax.Array:
+    n = x.shape[0]
+    middle = ranked_rows(x, cuts=(b, n - b))[b : n - b]
+    return sum_rows(lambda i: middle[i], n - 2 * b) / (n - 2 * b)
+
+
+def _clipped_mean(x: jax.Array, b: int) -> jax.Array:
+    n = x.shape[0]
     lo, hi = order_statistics(x, [b, n - b - 1])
     # Row by row, for the reason given in `order_statistics`.
     clipped = [jnp.clip(nan_to_posinf(r), lo, hi) for r in promoted_rows(x)]
@@ -724,14 +788,23 @@ def coordinate_mean_around_median(
     rows a window took 50.8 against 19.7 ms at (25, 1e6). `stored`: as in
     `coordinate_median` (the window's loop, the fix in XLA; without a window, the
     whole rule as one loop: `networks.mean_around_median_source`, the general form's
-    bits, which `_mean_around_median_rows` gives too).
+    bits, which `_mean_around_median_rows` gives too). Differentiated as
+    `_mean_around_selected`.
     """
+    return differentiated_as(
+        functools.partial(_mean_around_median_forms, k=k, stored=stored),
+        functools.partial(_mean_around_selected, k=k),
+        x,
+    )
+
+
+def _mean_around_median_forms(x: jax.Array, k: int, stored: bool) -> jax.Array:
     n = x.shape[0]
     windowed = 2 * k >= n and x.dtype == jnp.float32 and n <= FULL_NETWORK_MAX_N
     if stored and not windowed and _selection_kernel(x):
         source = networks.mean_around_median_source(n, k, x.dtype.type)
         return _through_network(
-            x, source, lambda x: coordinate_mean_around_median(x, k)
+            x, source, functools.partial(_mean_around_selected, k=k)
         )
     if n > FULL_NETWORK_MAX_N:
         # A bfloat16 input is promoted block by block: with its rows converted in
@@ -749,6 +822,25 @@ def coordinate_mean_around_median(
     else:
         window = _window_mean(x, k)
     return _fix_columns(x, k, window)
+
+
+def _mean_around_selected(x: jax.Array, k: int) -> jax.Array:
+    """`coordinate_mean_around(x, coordinate_median(x), k)` for its derivative:
+    the k entries of each coordinate closest to the median, held as selected
+    (ties to the lower worker, SPEC T0), 1/k each. The median and the k-th
+    deviation are `written` out: the reverse pass keeps the selection, and each
+    row of it would otherwise compute its own networks (the gradient of
+    mean-around-median over (40, 2000) took 2.7 s a call through them)."""
+    n = x.shape[0]
+    m = written(coordinate_median(lax.stop_gradient(x)))
+    dev = nan_to_posinf(jnp.abs(_selecting_values(x) - m))
+    (delta,) = order_statistics(dev, [k - 1], n <= SELECT_MAX_N)
+    delta = written(delta)
+    at = dev == delta
+    room = k - jnp.sum(dev < delta, axis=0)
+    # The ties before each row, in worker order.
+    before = jnp.cumsum(at, axis=0) - at
+    return _weighted_by(x, ((dev < delta) | (at & (before < room))) / k)
 
 
 # `coordinate_mean_around_median` recomputes at most `_FIX_BLOCKS` blocks of

@@ -71,6 +71,31 @@ def mean_around_median(x, f=0, keep=None, variant="xie"):
     return out
 
 
+def rank_mean_weights(x, ranks) -> np.ndarray:
+    """d(mean of the order statistics `ranks`)/dx, (n, d): rank r's value v,
+    shared equally by the rows equal to v (the derivative byzjax takes at ties;
+    one-hot where the values differ). The median and the trimmed mean."""
+    x = _f64(x)
+    w = np.zeros_like(x)
+    for j in range(x.shape[1]):
+        col = np.sort(x[:, j])
+        for r in ranks:
+            hit = x[:, j] == col[r]
+            w[hit, j] += 1.0 / (len(ranks) * hit.sum())
+    return w
+
+
+def mean_around_median_weights(x, keep) -> np.ndarray:
+    """d(mean around the median)/dx, (n, d): 1/keep on the entries it averages
+    (ties T0), the selection held fixed."""
+    x = _f64(x)
+    med = median(x)
+    w = np.zeros_like(x)
+    for j in range(x.shape[1]):
+        w[order_by(np.abs(x[:, j] - med[j]))[:keep], j] = 1.0 / keep
+    return w
+
+
 def krum_scores(x, f, k=None):
     """s_i = sum of the k smallest squared distances to the other rows."""
     x = _f64(x)
