@@ -524,13 +524,13 @@ def differentiated_as(fn, form, x: jax.Array, *rest) -> jax.Array:
 
 
 def _through_network(
-    x: jax.Array, source: str, xla_form, idx: jax.Array | None = None
+    x: jax.Array, source: str, form, idx: jax.Array | None = None
 ) -> jax.Array:
     """The generated loop `source` over the rows of x, or over x[idx], differentiated
-    as `xla_form(x)`, or `xla_form(x, idx)` (the same values, bit for bit)."""
+    as `form(x)`, or `form(x, idx)` (`differentiated_as`)."""
     rest = () if idx is None else (idx,)
     return differentiated_as(
-        lambda x, *rest: networks.network_rule(x, source, *rest), xla_form, x, *rest
+        lambda x, *rest: networks.network_rule(x, source, *rest), form, x, *rest
     )
 
 
@@ -690,6 +690,7 @@ def _trimmed_mean_selected(x: jax.Array, b: int) -> jax.Array:
     weights = (
         ((lo < v) & (v < hi))
         + at_lo * (lo_ranks / jnp.sum(at_lo, axis=0))
+        # (No row is at hi apart from lo's where hi == lo.)
         + at_hi * (hi_ranks / jnp.maximum(jnp.sum(at_hi, axis=0), 1))
     )
     return _weighted_by(x, weights / (n - 2 * b))
