@@ -25,6 +25,7 @@ from byzjax._rows import (
     promoted_rows,
     promoted_take,
     promoted_tied,
+    sum_rows,
     tied,
 )
 from byzjax._sorting import (
@@ -147,21 +148,6 @@ def map_rows_sum(fn, x: jax.Array, tie: tuple[jax.Array, ...] = ()) -> jax.Array
     """
     rows = promoted_rows(x, tie=tie)
     return sum_rows(lambda i: fn(rows[i]), x.shape[0])
-
-
-def sum_rows(row, n: int) -> jax.Array:
-    """row(0) + ... + row(n - 1) as a pairwise tree (rounding error O(log n)).
-
-    The counterpart of `stack_rows` for sums: every term is written on one row, so
-    XLA fuses the n terms into one elementwise loop.
-    """
-    rows = [row(i) for i in range(n)]
-    while len(rows) > 1:
-        paired = [a + b for a, b in zip(rows[0::2], rows[1::2], strict=False)]
-        if len(rows) % 2:
-            paired.append(rows[-1])
-        rows = paired
-    return rows[0]
 
 
 def stack_rows(row, n: int) -> jax.Array:

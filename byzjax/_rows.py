@@ -128,3 +128,18 @@ def promoted_blocks(fn, x: jax.Array, block: int | None = None) -> jax.Array:
         return lax.dynamic_update_slice_in_dim(out, fn(xb.astype(dtype)), start, axis=0)
 
     return lax.fori_loop(0, -(-d // block), body, jnp.zeros(d, dtype))
+
+
+def sum_rows(row, n: int) -> jax.Array:
+    """row(0) + ... + row(n - 1) as a pairwise tree (rounding error O(log n)).
+
+    The counterpart of `_numerics.stack_rows` for sums: every term is written on
+    one row, so XLA fuses the n terms into one elementwise loop.
+    """
+    rows = [row(i) for i in range(n)]
+    while len(rows) > 1:
+        paired = [a + b for a, b in zip(rows[0::2], rows[1::2], strict=False)]
+        if len(rows) % 2:
+            paired.append(rows[-1])
+        rows = paired
+    return rows[0]

@@ -565,7 +565,7 @@ class _Loop:
         return self.op("range_ps", a, b, {"min": "0x04", "max": "0x05"}[end])
 
     def sum_tree(self, terms: list[str]) -> str:
-        """`byzjax._numerics.sum_rows`' pairwise order."""
+        """`byzjax._rows.sum_rows`' pairwise order."""
         while len(terms) > 1:
             paired = [
                 self.op("add_ps", a, b)
