@@ -15,6 +15,11 @@ copy of the whole network fused in (a clip-and-sum over 25 rows took 400 ms inst
 of 15 ms), so outputs are materialised with `lax.optimization_barrier`; (2) the
 network has O(n log^2 n) comparators, so above `NETWORK_MAX_N` rows compile time
 grows past a few seconds and `jnp.sort` takes over.
+
+Derivatives are not taken through the compare-exchanges (`_wires`): the reverse
+pass keeps every exchange's choice, XLA:CPU gave each of them its own copy of the
+network, and the barrier did not prevent it (XLA:CPU removes barriers before it
+fuses; a derivative's wires are `written` out instead).
 """
 
 from __future__ import annotations
@@ -231,7 +236,9 @@ def written(a: jax.Array) -> jax.Array:
     `lax.optimization_barrier` before it fuses; it does not fuse a reduction
     into its consumers. So: the larger of two broadcast copies of a (the network
     computed twice a column, once in all). The gradient of the median of (40,
-    2e5), with the rows its wires came from written so: 14.6 ms; plain, 183 ms."""
+    2e5), with the rows its wires came from written so: 14.6 ms; plain, 183 ms.
+    Not always: at 100 rows XLA sank a consumer's broadcast of a into the
+    reduction (docs/performance.md, session 26)."""
     return jnp.max(jnp.broadcast_to(a, (2, *a.shape)), axis=0)
 
 
