@@ -235,11 +235,14 @@ def written(a: jax.Array) -> jax.Array:
     producer into each of its consumers, a network too, and removes
     `lax.optimization_barrier` before it fuses; it does not fuse a reduction
     into its consumers. So: the larger of two broadcast copies of a (the network
-    computed twice a column, once in all). The gradient of the median of (40,
-    2e5), with the rows its wires came from written so: 14.6 ms; plain, 183 ms.
-    Not always: at 100 rows XLA sank a consumer's broadcast of a into the
-    reduction (docs/performance.md, session 26)."""
-    return jnp.max(jnp.broadcast_to(a, (2, *a.shape)), axis=0)
+    computed twice a column, once in all), on a's bits as integers. As floats,
+    XLA:CPU took the reduction into a YNNPACK fusion with the comparisons that
+    read a, which then computed the network for every row: the median's gradient
+    at (25 | 40 | 100, 1e5) took 14.7 | 85 | 760 ms, on the bits 3.5 | 18 | 132
+    ms."""
+    bits = lax.bitcast_convert_type(a, jnp.dtype(f"int{8 * a.dtype.itemsize}"))
+    copies = jnp.broadcast_to(bits, (2, *bits.shape))
+    return lax.bitcast_convert_type(jnp.max(copies, axis=0), a.dtype)
 
 
 def sort_rows(x: jax.Array) -> jax.Array:
