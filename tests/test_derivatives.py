@@ -1,4 +1,5 @@
-"""Derivatives of the order-statistic rules against plain NumPy float64.
+"""Derivatives of the order-statistic rules against plain NumPy float64, and the
+cost of the rules' reverse passes.
 
 The coordinate-wise rules are locally linear in their rows: each coordinate is a
 mean of selected entries. Their derivatives (the simulator's influence weights
@@ -17,6 +18,7 @@ import reference
 
 from byzjax import _sorting
 from byzjax import aggregators as agg
+from byzjax.sim import diagnostics
 
 # n on each side of 32 (the full networks below, the pruned ones and the
 # window forms above), even and odd (one or two middle ranks).
@@ -116,3 +118,24 @@ def test_rule_gradient_programs_stay_small(monkeypatch, name):
         return jax.jit(fn).lower(x).compile().cost_analysis()["flops"]
 
     assert flops(jax.grad(loss)) < 8 * flops(loss)
+
+
+def test_geometric_median_gradient_memory_does_not_grow_with_steps(kernels_or_xla):
+    """The reverse pass recomputes each Weiszfeld step from its carry: before, the
+    kernels' loop kept an (n, d) residual a step (temporaries of 15.5 inputs at
+    T = 4, 42.8 at T = 16, at (40, 20,000); now 8.7 and 9.0)."""
+    x = jnp.zeros((40, 20000), jnp.float32)
+
+    def temporaries(iterations):
+        rule = agg.build("geometric_median", f=8, iterations=iterations)
+
+        def influence(x):
+            return diagnostics.aggregate_with_influence(
+                rule.update, x, rule.init(x), rule.default_params
+            )
+
+        return (
+            jax.jit(influence).lower(x).compile().memory_analysis().temp_size_in_bytes
+        )
+
+    assert temporaries(16) - temporaries(4) < x.nbytes

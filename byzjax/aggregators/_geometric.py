@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -257,7 +258,7 @@ def geometric_median(
 
             sq0 = row_sq_dists(x, z0)
             z, sq = lax.fori_loop(
-                0, iterations - 1, lambda _, c: kernel_step(*c), (z0, sq0)
+                0, iterations - 1, _recomputed(lambda _, c: kernel_step(*c)), (z0, sq0)
             )
             return kernel_step(z, sq, distances=False)[0]
 
@@ -281,9 +282,17 @@ def geometric_median(
             sq = jnp.maximum(a - 2.0 * proj + jnp.dot(w, w, precision=HIGHEST), 0.0)
             return move(z, sq, usable)
 
-        return lax.fori_loop(0, iterations, step, z0)
+        return lax.fori_loop(0, iterations, _recomputed(step), z0)
 
     return stateless(fn, {"nu": nu}, promote=False, stored=True)
+
+
+def _recomputed(step):
+    """A loop step that a reverse pass recomputes from its carry (z and the
+    distances) instead of keeping what it computed over x: the loop stacked an
+    (n, d) residual a step, (T - 1) x 40 MB at (100, 1e5). No effect on a program
+    that is not differentiated."""
+    return jax.checkpoint(step, prevent_cse=False)
 
 
 RULES = {"geometric_median": geometric_median}
