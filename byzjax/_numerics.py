@@ -786,13 +786,13 @@ def coordinate_mean_around_median(
 
 
 def _mean_around_median_forms(x: jax.Array, k: int, stored: bool) -> jax.Array:
+    # Its values only: `coordinate_mean_around_median` differentiates it as
+    # `_mean_around_selected`, so the loops run bare.
     n = x.shape[0]
     windowed = 2 * k >= n and x.dtype == jnp.float32 and n <= FULL_NETWORK_MAX_N
     if stored and not windowed and _selection_kernel(x):
         source = networks.mean_around_median_source(n, k, x.dtype.type)
-        return _through_network(
-            x, source, functools.partial(_mean_around_selected, k=k)
-        )
+        return networks.network_rule(x, source)
     if n > FULL_NETWORK_MAX_N:
         # A bfloat16 input is promoted block by block: with its rows converted in
         # the fused loops, XLA:CPU took 4 min 15 s to compile (100, 1e6) (the
@@ -804,8 +804,7 @@ def _mean_around_median_forms(x: jax.Array, k: int, stored: bool) -> jax.Array:
         # the window and then the rows, against 16.3 ms for the rows alone).
         return _mean_around_median_rows(x, k)
     if stored and _network_kernel(x, dtypes=(jnp.float32,)):
-        source = networks.window_mean_source(n, k)
-        window = _through_network(x, source, lambda x: _window_mean(x, k))
+        window = networks.network_rule(x, networks.window_mean_source(n, k))
     else:
         window = _window_mean(x, k)
     return _fix_columns(x, k, window)

@@ -92,7 +92,9 @@ def test_rule_derivatives_under_vmap_match_each_input():
     xs = np.random.default_rng(3).normal(size=(3, 40, 32)).astype(np.float32)
 
     def grad(x):
-        return jax.grad(lambda x: rule.update(x, (), rule.default_params)[0].sum())(x)
+        return jax.grad(
+            lambda x: rule.update(x, rule.init(x), rule.default_params)[0].sum()
+        )(x)
 
     batched = jax.jit(jax.vmap(grad))(xs)
     for x, got in zip(xs, batched, strict=True):
