@@ -468,10 +468,45 @@ class _Loop:
 
     def within(self, a: str, b: str) -> str:
         """Where magnitude a <= b (b NaN-free): never where a is NaN."""
+        return self._magnitudes("cmple", a, b, "_CMP_LE_OQ")
+
+    def below(self, a: str, b: str) -> str:
+        """Where magnitude a < b (b NaN-free): never where a is NaN."""
+        return self._magnitudes("cmplt", a, b, "_CMP_LT_OQ")
+
+    def level(self, a: str, b: str) -> str:
+        """Where magnitude a == b (b NaN-free)."""
+        return self._magnitudes("cmpeq", a, b, "_CMP_EQ_OQ")
+
+    def _magnitudes(self, name: str, a: str, b: str, predicate: str) -> str:
         if self.width == 8:  # AVX2 has no such integer comparison
-            return self.compare(a, b, "_CMP_LE_OQ")
+            return self.compare(a, b, predicate)
         ints = f"_mm512_castps_si512({a}), _mm512_castps_si512({b})"
-        return self.value(f"_mm512_cmple_epi32_mask({ints})", "__mmask16")
+        return self.value(f"_mm512_{name}_epi32_mask({ints})", "__mmask16")
+
+    # Per-lane counts: int32 lanes with AVX-512 (at the integer rate), exact
+    # float32 lanes with AVX2, whose integer compares give no mask.
+    def counter(self, start: int) -> str:
+        if self.width == 8:
+            return self.value(f"_mm256_set1_ps({start}.0f)")
+        return self.value(f"_mm512_set1_epi32({start})", "__m512i")
+
+    def tally(self, counter: str, mask: str, step: int) -> str:
+        """counter + step where `mask`."""
+        if self.width == 8:
+            return self.op(
+                "add_ps", counter, self.masked(mask, f"_mm256_set1_ps({step}.0f)")
+            )
+        step = f"_mm512_set1_epi32({step})"
+        return self.value(
+            f"_mm512_mask_add_epi32({counter}, {mask}, {counter}, {step})", "__m512i"
+        )
+
+    def fewer(self, a: str, b: str) -> str:
+        """Where counter a < counter b."""
+        if self.width == 8:
+            return self.compare(a, b, "_CMP_LT_OQ")
+        return self.value(f"_mm512_cmplt_epi32_mask({a}, {b})", "__mmask16")
 
     def ranks(self, pairs, needed, checked, ordered=False) -> list[str | None]:
         """The wires after `pairs` (`network`), on order keys where `keyed`.
@@ -954,23 +989,24 @@ def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
 
         if k == n:
             return within_delta()
-        one = f"{loop.prefix}_set1_ps(1.0f)"
 
         def in_worker_order():
-            room = f"{loop.prefix}_set1_ps({k}.0f)"
+            # room = k - #closer; a row at delta is taken while fewer than room
+            # rows at delta came before it. Counting those rows, not the room
+            # left, keeps the count's chain one add a row: a room decremented
+            # by the ties it admits chained a compare, a mask and a subtraction
+            # from row to row (ALIE's f equal rows tie in most steps).
+            room = loop.counter(k)
             for i in range(n):
-                closer = loop.compare(deviation(i), delta, "_CMP_LT_OQ")
-                room = loop.op("sub_ps", room, loop.masked(closer, one))
-            taken = []
+                room = loop.tally(room, loop.below(deviation(i), delta), -1)
+            taken, before = [], loop.counter(0)
             for i in range(n):
                 dev = deviation(i)
-                closer = loop.compare(dev, delta, "_CMP_LT_OQ")
-                tie = loop.both(
-                    loop.compare(dev, delta, "_CMP_EQ_OQ"),
-                    loop.compare(room, zero, "_CMP_GT_OQ"),
-                )
+                at = loop.level(dev, delta)
+                tie = loop.both(at, loop.fewer(before, room))
+                closer = loop.below(dev, delta)
                 taken.append(loop.masked(loop.either(closer, tie), loop.raw(i)))
-                room = loop.op("sub_ps", room, loop.masked(tie, one))
+                before = loop.tally(before, at, 1)
             return in_order(taken)
 
         def within_finite_delta():
