@@ -924,7 +924,7 @@ def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
     (n <= `NETWORK_MAX_N`; bfloat16 rows widened as XLA's forms widen them):
     the median m and the k-th smallest deviation delta = |x_i - m| (NaN as +Inf)
     off one network, then the rows within delta summed in worker order, ties
-    (SPEC T0) while room is left; the counts in float32 (exact integers). Where
+    (SPEC T0) while room is left (counts on int32 lanes; AVX2: float32). Where
     the (k+1)-th deviation exceeds delta in all the step's columns (no tie across
     it, the usual case), exactly k are within delta and all are taken: the same
     sum without the counts.
