@@ -773,9 +773,11 @@ def coordinate_mean_around_median(
     worker order (`_mean_around_median_rows`), in gathered blocks of columns when
     few, else whole. Bulyan keeps the general form (`mean_around_median_of`): on its
     rows a window took 50.8 against 19.7 ms at (25, 1e6). `stored`: as in
-    `coordinate_median` (the window's loop, the fix in XLA; without a window, the
-    whole rule as one loop: `networks.mean_around_median_source`, the general form's
-    bits, which `_mean_around_median_rows` gives too). Differentiated as
+    `coordinate_median` (the window's loop, which settles the ties itself in
+    the steps that hold one and leaves the non-finite medians to the fix in
+    XLA; without a window, the whole rule as one loop:
+    `networks.mean_around_median_source`, the general form's bits, which
+    `_mean_around_median_rows` gives too). Differentiated as
     `_mean_around_selected`.
     """
     return differentiated_as(
@@ -856,7 +858,9 @@ def _nan_blocks(v: jax.Array, width: int) -> jax.Array:
 
 def _fix_columns(x: jax.Array, k: int, out: jax.Array) -> jax.Array:
     """`out` with its NaN columns recomputed in the T0 form: block by block, or
-    whole when more than `_FIX_BLOCKS` blocks hold one."""
+    whole when more than `_FIX_BLOCKS` blocks hold one. Only the NaN columns
+    change, so a column's bits do not depend on its neighbours' ties (the CPU
+    loop settles its ties column by column: `networks.window_mean_source`)."""
     d = out.shape[0]
     width = min(_FIX_BLOCK, d)
     count = -(-d // width)
@@ -873,14 +877,14 @@ def _fix_columns(x: jax.Array, k: int, out: jax.Array) -> jax.Array:
                 lax.dynamic_slice_in_dim(x, s0, width, axis=1), k
             )
         )(starts)
+        def put(i, o):
+            block = lax.dynamic_slice_in_dim(o, starts[i], width)
+            block = jnp.where(jnp.isnan(block), fixed[i], block)
+            return lax.dynamic_update_slice_in_dim(o, block, starts[i], 0)
+
         # Block by block in place: a scatter of the 16 blocks' columns took 0.2 ms
         # more.
-        return lax.fori_loop(
-            0,
-            starts.shape[0],
-            lambda i, o: lax.dynamic_update_slice_in_dim(o, fixed[i], starts[i], 0),
-            out,
-        )
+        return lax.fori_loop(0, starts.shape[0], put, out)
 
     def fix(out, x):
         hit = _nan_blocks(out, width)
@@ -888,7 +892,7 @@ def _fix_columns(x: jax.Array, k: int, out: jax.Array) -> jax.Array:
         # column to fix.
         return lax.cond(
             hit.sum() > _FIX_BLOCKS,
-            lambda: _mean_around_median_rows(x, k),
+            lambda: jnp.where(jnp.isnan(out), _mean_around_median_rows(x, k), out),
             lambda: gather(out, x, hit),
         )
 

@@ -688,6 +688,14 @@ def _widths_here():
     return sorted({8, networks.native_width()})
 
 
+def _settled_window(x, k):
+    # The window loop's columns: the window's mean, or where a tie leaves that
+    # NaN (`_window_mean`) and the median is finite, the worker-order form's.
+    window = nm._window_mean(x, k)
+    tied = jnp.isnan(window) & jnp.isfinite(nm.coordinate_median(x))
+    return jnp.where(tied, nm._mean_around_median_rows(x, k), window)
+
+
 @pytest.mark.parametrize("width", [8, 16])
 @pytest.mark.parametrize("n,d", NETWORK_SHAPES)
 @X_DTYPES
@@ -717,7 +725,7 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
         for k in sorted({(n + 1) // 2, n - 1, n}):
             cases[f"window {k}"] = (
                 networks.window_mean_source(n, k, width),
-                lambda x, k=k: nm._window_mean(x, k),
+                lambda x, k=k: _settled_window(x, k),
             )
     for name, (source, xla_form) in cases.items():
         got = _jit(lambda x, s=source: networks.network_rule(x, s))(x)
@@ -909,6 +917,26 @@ def test_mean_around_median_loop_without_a_window_gives_the_xla_bits(n, d, k, dt
     assert "byzjax_network" in jax.jit(fn).lower(x).as_text()
     want = _jit(lambda x: nm.coordinate_mean_around_median(x, k))(x)
     np.testing.assert_array_equal(_bits(fn(x)), _bits(want))
+
+
+def test_mean_around_median_window_loop_settles_ties_as_xla_does():
+    # Float32 up to 32 rows: the window loop settles a step's two-sided ties
+    # (SPEC T0) itself, column by column; XLA's window leaves them NaN for the
+    # fix, which recomputes gathered blocks (a few such columns) or the whole
+    # array (a third of the columns small integers), and keeps every other
+    # column's bits: the same bits either way.
+    n, d, k = 25, 9 * 1024 + 5, 19
+    rng = np.random.default_rng(25)
+    few = rng.normal(size=(n, d)).astype(np.float32)
+    for j in (0, 3 * 1024 + 17, d - 1):
+        # Median 0, six of the twelve entries at distance 1 taken: T0 takes the
+        # lower workers', the sorted window the -1 first.
+        few[:, j] = rng.permutation([0.0] * 13 + [1.0] * 6 + [-1.0] * 6)
+    fn = _jit(lambda x: nm.coordinate_mean_around_median(x, k, stored=True))
+    assert "byzjax_network" in jax.jit(fn).lower(few).as_text()
+    xla = _jit(lambda x: nm.coordinate_mean_around_median(x, k))
+    for name, x in {"few": few, "many": _network_inputs(7, n, d, np.float32)}.items():
+        np.testing.assert_array_equal(_bits(fn(x)), _bits(xla(x)), err_msg=name)
 
 
 def test_mean_around_median_loop_keeps_the_signs_of_zero_totals():

@@ -361,31 +361,43 @@ class _Loop:
 
     def rewire(self, zeros: str, values: list[str], make) -> list[str]:
         """`values`, or `make()`'s where a column marked in `zeros` (a mask)
-        holds a -0: those made in a function of their own, called only where
-        `zeros` marks a column. In the loop's body, GCC's register allocation of
-        the common path suffered from the rare one (the median of 100 rows on
-        order keys, from L2 on AMD Zen 4: 1,774 cycles per 16 columns against
-        1,581 without the rare path)."""
+        holds a -0 (`cold`)."""
+
+        def remade():
+            # A zero rank is the same zero either way unless its column holds
+            # both signs of zero: where it holds no -0, the keys' values stand.
+            # (The median of (100, 1e6) with half its columns +0 took 32.4 ms
+            # when every zero rank was remade, against 27.5 by float exchanges
+            # alone; with this test 33.3 against 38.2, in a slower stretch.)
+            negative = None
+            for i in range(self.n):
+                bits = self.raw(i)
+                found = self.compare_bits(bits, self.NEGATIVE_ZERO)
+                negative = found if negative is None else self.either(negative, found)
+            remake = self.any_of(self.both(negative, "mask"))
+            self.lines.append(f"if (!({remake})) return false;")
+            return make()
+
+        return self.cold(zeros, values, remade)
+
+    def cold(
+        self, mask: str, values: list[str], make, given: list[str] = ()
+    ) -> list[str]:
+        """`values`, or `make(*given)`'s where `mask` marks a column of the step
+        (as "mask" in `make`'s lines, which may `return false;` to keep
+        `values`): made in a function of its own, called only then, the
+        `given` values passed in memory. In the loop's body, GCC's register
+        allocation of the common path suffered from the rare one (the median of
+        100 rows on order keys, from L2 on AMD Zen 4: 1,774 cycles per 16
+        columns against 1,581 without the rare path)."""
         saved, self.lines = self.lines, []
-        # A zero rank is the same zero either way unless its column holds both
-        # signs of zero: where it holds no -0, the keys' values stand. (The
-        # median of (100, 1e6) with half its columns +0 took 32.4 ms when every
-        # zero rank was remade, against 27.5 by float exchanges alone; with this
-        # test 33.3 against 38.2, in a slower stretch.)
-        negative = None
-        for i in range(self.n):
-            bits = self.raw(i)
-            found = self.compare_bits(bits, self.NEGATIVE_ZERO)
-            negative = found if negative is None else self.either(negative, found)
-        remake = self.any_of(self.both(negative, "zeros"))
-        self.lines.append(f"if (!({remake})) return false;")
-        made = make()
+        made = make(*[f"out[{j}]" for j in range(len(given))])
         body, self.lines = self.lines, saved
         helper = f"byzjax_rare{len(self.helpers)}"
         outs = [f"out[{j}] = {v};" for j, v in enumerate(made)]
         self.helpers.append(
             f'__attribute__((noinline, cold, optimize("O1"))) static bool {helper}(\n'
-            f"    const void* const* rows, int64_t k, {self._mask_type()} zeros,\n"
+            f"    const void* const* rows, int64_t k, {self._mask_type()} mask,\n"
             f"    {self.vector}* out) {{\n  "
             + "\n  ".join([self._inf(), *body, *outs, "return true;"])
             + "\n}\n"
@@ -395,9 +407,10 @@ class _Loop:
             names.append(f"{self.tag}{self.count}")
             self.count += 1
             self.lines.append(f"{self.vector} {names[-1]} = {v};")
-        self.lines.append(f"if (__builtin_expect({self.any_of(zeros)}, 0)) {{")
-        self.lines.append(f"{self.vector} made[{len(names)}];")
-        self.lines.append(f"if ({helper}(rows, k, {zeros}, made)) {{")
+        self.lines.append(f"if (__builtin_expect({self.any_of(mask)}, 0)) {{")
+        self.lines.append(f"{self.vector} made[{max(len(names), len(given))}];")
+        self.lines += [f"made[{j}] = {v};" for j, v in enumerate(given)]
+        self.lines.append(f"if ({helper}(rows, k, {mask}, made)) {{")
         self.lines += [f"{name} = made[{j}];" for j, name in enumerate(names)]
         self.lines.append("}")
         self.lines.append("}")
@@ -919,6 +932,39 @@ def trimmed_mean_source(n: int, b: int, dtype, **form) -> str:
     return loop.source(loop.in_floats(clipped, [r[b], r[n - b - 1]]))
 
 
+def _mean_in_order(loop: _Loop, terms: list[str], k: int) -> str:
+    """The terms summed in worker order, over k."""
+    # XLA drops the + 0 its form starts from: -0 terms alone sum to -0.
+    total = terms[0]
+    for term in terms[1:]:
+        total = loop.op("add_ps", total, term)
+    return loop.mean(total, k)
+
+
+def _mean_in_worker_order(loop: _Loop, k: int, deviation, delta: str) -> str:
+    """The mean of the k rows closest to the median by SPEC T0, delta the k-th
+    smallest deviation (NaN-free), `deviation(i)` row i's (NaN as +Inf): the rows
+    closer than delta, then those at delta in worker order while room is left,
+    summed in worker order (`byzjax._numerics._mean_within`'s bits)."""
+    # room = k - #closer; a row at delta is taken while fewer than room rows at
+    # delta came before it. Counting those rows, not the room left, keeps the
+    # count's chain one add a row: a room decremented by the ties it admits
+    # chained a compare, a mask and a subtraction from row to row (ALIE's f
+    # equal rows tie in most steps).
+    room = loop.counter(k)
+    for i in range(loop.n):
+        room = loop.tally(room, loop.below(deviation(i), delta), -1)
+    taken, before = [], loop.counter(0)
+    for i in range(loop.n):
+        dev = deviation(i)
+        at = loop.level(dev, delta)
+        tie = loop.both(at, loop.fewer(before, room))
+        closer = loop.below(dev, delta)
+        taken.append(loop.masked(loop.either(closer, tie), loop.raw(i)))
+        before = loop.tally(before, at, 1)
+    return _mean_in_order(loop, taken, k)
+
+
 def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
     """`byzjax._numerics.coordinate_mean_around(x, coordinate_median(x), k)`
     (n <= `NETWORK_MAX_N`; bfloat16 rows widened as XLA's forms widen them):
@@ -972,42 +1018,21 @@ def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
         delta = smallest(k - 1)
         zero = f"{loop.prefix}_setzero_ps()"
 
-        def in_order(terms):
-            # XLA drops the + 0 its form starts from: -0 terms alone sum to -0.
-            total = terms[0]
-            for term in terms[1:]:
-                total = loop.op("add_ps", total, term)
-            return loop.mean(total, k)
-
         def within_delta():
-            return in_order(
+            return _mean_in_order(
+                loop,
                 [
                     loop.masked(loop.within(deviation(i), delta), loop.raw(i))
                     for i in range(n)
-                ]
+                ],
+                k,
             )
 
         if k == n:
             return within_delta()
 
         def in_worker_order():
-            # room = k - #closer; a row at delta is taken while fewer than room
-            # rows at delta came before it. Counting those rows, not the room
-            # left, keeps the count's chain one add a row: a room decremented
-            # by the ties it admits chained a compare, a mask and a subtraction
-            # from row to row (ALIE's f equal rows tie in most steps).
-            room = loop.counter(k)
-            for i in range(n):
-                room = loop.tally(room, loop.below(deviation(i), delta), -1)
-            taken, before = [], loop.counter(0)
-            for i in range(n):
-                dev = deviation(i)
-                at = loop.level(dev, delta)
-                tie = loop.both(at, loop.fewer(before, room))
-                closer = loop.below(dev, delta)
-                taken.append(loop.masked(loop.either(closer, tie), loop.raw(i)))
-                before = loop.tally(before, at, 1)
-            return in_order(taken)
+            return _mean_in_worker_order(loop, k, deviation, delta)
 
         def within_finite_delta():
             # delta < the (k+1)-th deviation, so finite in every column: a NaN
@@ -1032,11 +1057,42 @@ def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
 
 
 def window_mean_source(n: int, k: int, width: int | None = None) -> str:
-    """`byzjax._numerics._window_mean` (float32, n <= 32, 2k >= n): NaN where a
-    tie or a non-finite median leaves the window to the worker-order form. By
-    float exchanges everywhere (`keyed_exchanges`: on keys it lost)."""
+    """`byzjax._numerics._window_mean` (float32, n <= 32, 2k >= n) with its ties
+    settled: where a value outside the window is exactly as far from the median
+    as one inside, SPEC T0 picks by worker index, so those columns take the
+    worker-order form's bits (`_mean_around_median_rows`), made again in a
+    function that only the steps holding such a column call (`_Loop.cold`; the
+    XLA form leaves them NaN and `_fix_columns` settles them column by column).
+    NaN where the median is not finite. By float exchanges everywhere
+    (`keyed_exchanges`: on keys it lost)."""
     loop = _Loop(n, jnp.float32, width or native_width())
-    r = loop.network(partition_pairs(n, window_cuts(n, k)), range(n))
+    m, window, mean, tied = _window(loop, k, loop.row)
+
+    def settled(mean, m, *window):
+        # delta, the k-th smallest deviation, is the window's largest one.
+        def deviation_of(v):
+            return loop.deviation(loop.op("sub_ps", v, m))
+
+        delta = functools.reduce(
+            lambda a, b: loop.magnitude_bound("max", a, b), map(deviation_of, window)
+        )
+        rows = _mean_in_worker_order(
+            loop, k, lambda i: deviation_of(loop.raw(i)), delta
+        )
+        return [loop.select("mask", mean, rows)]
+
+    (mean,) = loop.cold(tied, [mean], settled, [mean, m, *window])
+    infinite = loop.compare(loop.magnitude(m), "inf", "_CMP_NLT_UQ")
+    nan = f'{loop.prefix}_set1_ps(__builtin_nanf(""))'
+    return loop.source(loop.select(infinite, mean, nan))
+
+
+def _window(loop: _Loop, k: int, load):
+    """The median m of a step's rows (`load(i)`, NaN as +Inf), the window of the
+    k values closest to it, their mean, and the mask of the columns where a
+    value outside the window ties with one inside (`_numerics._window_mean`)."""
+    n = loop.n
+    r = loop.network(partition_pairs(n, window_cuts(n, k)), range(n), wire=load)
     m = loop.median(r)
     zero = f"{loop.prefix}_setzero_ps()"
     ends, ties = [], loop.value(zero)
@@ -1046,14 +1102,9 @@ def window_mean_source(n: int, k: int, width: int | None = None) -> str:
         ends.append(loop.select(loop.compare(up, down, "_CMP_LT_OQ"), r[i], r[i + k]))
         tie = loop.compare(up, down, "_CMP_EQ_OQ")
         ties = loop.op("add_ps", ties, loop.masked(tie, up))
-    total = loop.sum_tree([*r[n - k : k], *ends])
-    mean = loop.mean(total, k)
-    unsure = loop.either(
-        loop.compare(ties, zero, "_CMP_GT_OQ"),
-        loop.compare(loop.magnitude(m), "inf", "_CMP_NLT_UQ"),
-    )
-    nan = f'{loop.prefix}_set1_ps(__builtin_nanf(""))'
-    return loop.source(loop.select(unsure, mean, nan))
+    window = [*r[n - k : k], *ends]
+    mean = loop.mean(loop.sum_tree(window), k)
+    return m, window, mean, loop.compare(ties, zero, "_CMP_GT_OQ")
 
 
 @functools.cache
