@@ -639,8 +639,11 @@ def coordinate_trimmed_mean(x: jax.Array, b: int, *, stored: bool = False) -> ja
     Above, with lo = x_(b+1) and hi = x_(n-b), clipping every entry to [lo, hi]
     maps the b smallest to lo and the b largest to hi and leaves the middle alone,
     so sum_k clip(x_k) - b (lo + hi) is the trimmed sum whatever the ties: two
-    order statistics from the network and one fused pass over x, instead of a full
-    sort. `stored`: as in `coordinate_median`.
+    order statistics from a select network and one fused pass over x, instead of
+    a full sort (the form the rule-aware attacks evaluate candidates on:
+    `trimmed_mean_with_copies`). `stored`: as in `coordinate_median`, but a
+    bfloat16 loop above 32 rows sums the middle ranks: `_middle_mean`'s bits
+    (`networks.trimmed_mean_source`).
     """
     n = x.shape[0]
     if b == 0:

@@ -6,8 +6,10 @@ median took 27-30 ms against XLA's 71 (the floor 18-20); on the 2-core AMD Zen 3
 with AVX2 66 against 128 ms (the floor 18.6), mean around the median 109 against
 335 ms; on the 2-core AMD Zen 4 with AVX-512, on order keys (`keyed_exchanges`),
 21 against 56 ms (the floor 15-16). A selection, so its bits are XLA's whatever
-the order of its sums; the trimmed mean's loop is XLA's clip form there
-(`trimmed_mean_source`).
+the order of its sums; the float32 trimmed mean's loop is XLA's clip form
+there. The bfloat16 one sums a partition network's middle ranks instead
+(`trimmed_mean_source`): the same trimmed mean as XLA's clip form, rounded
+otherwise.
 
 XLA fuses a sorting network over the rows into one loop that LLVM compiles well
 (the median of 25 rows: 202 min/max, 80 spills and 74 reloads per 8 columns,
@@ -906,14 +908,19 @@ def _ordered(n: int, dtype) -> bool:
 
 def trimmed_mean_source(n: int, b: int, dtype, **form) -> str:
     """`byzjax._numerics.coordinate_trimmed_mean` (b >= 1). Up to 32 rows the
-    middle set off the partition network, summed as a tree; above (n <=
-    `NETWORK_MAX_N`), XLA's clip form: the ranks b and n - b - 1 off the
-    median's kind of network, then every row clipped to them and summed.
-    `form` as `median_source` takes it."""
+    middle set off the partition network, summed as a tree (`_middle_mean`);
+    float32 above (n <= `NETWORK_MAX_N`), XLA's clip form: the ranks b and
+    n - b - 1 off the median's kind of network, then every row clipped to them
+    and summed. bfloat16 above 32 rows takes the middle set off a min/max
+    partition network, `_middle_mean`'s bits there, not XLA's clip form's: in
+    cache at (100, b = 24), 283 against 435 ns per 16 columns (float32's 400
+    against 433). `form` as `median_source` takes it."""
     loop = _pair_or_new_loop(n, dtype, "trimmed_mean", **form)
-    if n <= FULL_NETWORK_MAX_N:
+    if n <= FULL_NETWORK_MAX_N or dtype != jnp.float32:
         middle = range(b, n - b)
-        r = loop.ranks(partition_pairs(n, (b, n - b)), middle, middle)
+        r = loop.ranks(
+            partition_pairs(n, (b, n - b)), middle, middle, ordered=_ordered(n, dtype)
+        )
 
         def trimmed(f, wires):
             return f.mean(f.sum_tree(wires), n - 2 * b)
