@@ -641,8 +641,8 @@ def coordinate_trimmed_mean(x: jax.Array, b: int, *, stored: bool = False) -> ja
     so sum_k clip(x_k) - b (lo + hi) is the trimmed sum whatever the ties: two
     order statistics from a select network and one fused pass over x, instead of
     a full sort (the form the rule-aware attacks evaluate candidates on:
-    `trimmed_mean_with_copies`). `stored`: as in `coordinate_median`, but a
-    bfloat16 loop above 32 rows sums the middle ranks: `_middle_mean`'s bits
+    `trimmed_mean_with_copies`). `stored`: as in `coordinate_median`, but the
+    loop sums the middle ranks above 32 rows too: `_middle_mean`'s bits
     (`networks.trimmed_mean_source`).
     """
     n = x.shape[0]

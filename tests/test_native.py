@@ -673,15 +673,9 @@ def _bits(a):
 
 def _loop_trimmed_mean(b):
     """The XLA form whose bits the trimmed mean's loop has: the partition
-    network's middle ranks up to 32 rows and for bfloat16 above
-    (`networks.trimmed_mean_source`), else the rule's own clip form."""
-
-    def form(x):
-        if x.shape[0] <= 32 or x.dtype == jnp.bfloat16:
-            return nm._middle_mean(x, b)
-        return nm.coordinate_trimmed_mean(x, b)
-
-    return form
+    network's middle ranks (the rule's own form up to 32 rows; above, the rule
+    clips the rows: `networks.trimmed_mean_source`)."""
+    return functools.partial(nm._middle_mean, b=b)
 
 
 # Odd and even n up to 32; fewer columns than a step (3, 1), one step of 8 (7, 8),

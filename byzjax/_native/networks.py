@@ -6,10 +6,9 @@ median took 27-30 ms against XLA's 71 (the floor 18-20); on the 2-core AMD Zen 3
 with AVX2 66 against 128 ms (the floor 18.6), mean around the median 109 against
 335 ms; on the 2-core AMD Zen 4 with AVX-512, on order keys (`keyed_exchanges`),
 21 against 56 ms (the floor 15-16). A selection, so its bits are XLA's whatever
-the order of its sums; the float32 trimmed mean's loop is XLA's clip form
-there. The bfloat16 one sums a partition network's middle ranks instead
-(`trimmed_mean_source`): the same trimmed mean as XLA's clip form, rounded
-otherwise.
+the order of its sums. The trimmed mean's loop sums a partition network's
+middle ranks there, where XLA's form clips the rows (`trimmed_mean_source`):
+the same trimmed mean, rounded otherwise.
 
 XLA fuses a sorting network over the rows into one loop that LLVM compiles well
 (the median of 25 rows: 202 min/max, 80 spills and 74 reloads per 8 columns,
@@ -310,19 +309,6 @@ class _Loop:
         """a with NaN as +Inf, in one instruction: min(x, +Inf) is x for x < +Inf,
         else its second operand."""
         return self.op("min_ps", a, self.inf)
-
-    def clip(self, a: str, lo: str, hi: str) -> str:
-        """`jnp.clip(a, lo, hi)` with NaN in a as +Inf (lo, hi NaN-free), up to
-        the signs of zeros. AVX's max and min return their second operand where
-        either is NaN, so max(lo, NaN) is NaN and min(NaN, hi) is hi, as +Inf
-        clips: no `finite_or_inf` of a (100 float min a step at n = 100, which
-        run at half the integer min's rate). For equal zeros they return their
-        second operand, where XLA's order -0 below +0. The trimmed sum cannot
-        tell: it is -0 only where every clipped entry is, which happens in both
-        forms exactly when lo and hi are zeros and hi is -0 (all rows of 3 to 6
-        entries from -1, -0, +0, 1 and NaN, with every sign a zero rank can take:
-        the same sum in 73,206 cases, a `/tmp` script)."""
-        return self.op("min_ps", self.op("max_ps", lo, a), hi)
 
     # Comparisons: AVX2 gives a vector of all-ones lanes, AVX-512 a mask register.
     def compare(self, a: str, b: str, predicate: str) -> str:
@@ -907,36 +893,23 @@ def _ordered(n: int, dtype) -> bool:
 
 
 def trimmed_mean_source(n: int, b: int, dtype, **form) -> str:
-    """`byzjax._numerics.coordinate_trimmed_mean` (b >= 1). Up to 32 rows the
-    middle set off the partition network, summed as a tree (`_middle_mean`);
-    float32 above (n <= `NETWORK_MAX_N`), XLA's clip form: the ranks b and
-    n - b - 1 off the median's kind of network, then every row clipped to them
-    and summed. bfloat16 above 32 rows takes the middle set off a min/max
-    partition network, `_middle_mean`'s bits there, not XLA's clip form's: in
-    cache at (100, b = 24), 283 against 435 ns per 16 columns (float32's 400
-    against 433). `form` as `median_source` takes it."""
+    """`byzjax._numerics._middle_mean` (b >= 1): the middle set off the
+    partition network, summed as a tree; by min/max above 32 rows, as
+    `ranked_rows` has it there. The rule's own form above 32 rows clips every
+    row to the ranks b and n - b - 1 (which the rule-aware attacks' candidates
+    take apart: `trimmed_mean_with_copies`); the loop sums the middle ranks
+    instead, the same trimmed mean rounded otherwise, in cache at (100, b = 24)
+    311 against 350 ns per 16 columns in float32, 283 against 435 in bfloat16.
+    `form` as `median_source` takes it."""
     loop = _pair_or_new_loop(n, dtype, "trimmed_mean", **form)
-    if n <= FULL_NETWORK_MAX_N or dtype != jnp.float32:
-        middle = range(b, n - b)
-        r = loop.ranks(
-            partition_pairs(n, (b, n - b)), middle, middle, ordered=_ordered(n, dtype)
-        )
+    middle = range(b, n - b)
+    ordered = n > FULL_NETWORK_MAX_N
+    r = loop.ranks(partition_pairs(n, (b, n - b)), middle, middle, ordered=ordered)
 
-        def trimmed(f, wires):
-            return f.mean(f.sum_tree(wires), n - 2 * b)
+    def trimmed(f, wires):
+        return f.mean(f.sum_tree(wires), n - 2 * b)
 
-        return loop.source(loop.in_floats(trimmed, [r[i] for i in middle]))
-    cuts = (b, n - b - 1)
-    r = loop.ranks(batcher_pairs(n), cuts, cuts, ordered=_ordered(n, dtype))
-
-    def clipped(f, ends):
-        lo, hi = ends
-        total = f.sum_tree([f.clip(f.raw(i), lo, hi) for i in range(n)])
-        # The b rows clipped to each end, taken back out.
-        ends = f.op("mul_ps", f.op("add_ps", lo, hi), f"{f.prefix}_set1_ps({b}.0f)")
-        return f.mean(f.op("sub_ps", total, ends), n - 2 * b)
-
-    return loop.source(loop.in_floats(clipped, [r[b], r[n - b - 1]]))
+    return loop.source(loop.in_floats(trimmed, [r[i] for i in middle]))
 
 
 def _mean_in_order(loop: _Loop, terms: list[str], k: int) -> str:
