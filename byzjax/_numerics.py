@@ -764,24 +764,36 @@ def coordinate_mean_around_median(
 ) -> jax.Array:
     """`coordinate_mean_around(x, coordinate_median(x), k)`, in one network pass.
 
-    Up to `FULL_NETWORK_MAX_N` rows, the k entries closest to the median m form a
-    window [s, s + k) of the sorted column r: since (r_(i+k) - m) - (m - r_i)
-    grows with i, s counts the i with r_(i+k) - m < m - r_i. For k >= n / 2 the
-    window always holds the ranks [n - k, k), so its sum is those ranks (in any
-    order: a partition network) plus the ends r_i, i < n - k, taken when i >= s,
-    and r_i, i >= k, taken when i < s + k (`_window_mean`). A window is a set of
-    values, not of workers: where an entry outside it is exactly as close to m as
-    one inside with another value, SPEC T0 picks by worker index, and those
-    columns (with a non-finite median's) are recomputed through the rows in
-    worker order (`_mean_around_median_rows`), in gathered blocks of columns when
-    few, else whole. Bulyan keeps the general form (`mean_around_median_of`): on its
-    rows a window took 50.8 against 19.7 ms at (25, 1e6). `stored`: as in
-    `coordinate_median` (the window's loop, which settles the ties itself in
-    the steps that hold one and leaves the non-finite medians to the fix in
-    XLA; without a window, the whole rule as one loop:
+    In float32 with 2k >= n, up to `FULL_NETWORK_MAX_N` rows, the k entries
+    closest to the median m form a window [s, s + k) of the sorted column r:
+    since (r_(i+k) - m) - (m - r_i) grows with i, s counts the i with r_(i+k) -
+    m < m - r_i. The window always holds the ranks [n - k, k), so its sum is
+    those ranks (in any order: a partition network) plus the ends r_i,
+    i < n - k, taken when i >= s, and r_i, i >= k, taken when i < s + k
+    (`_window_mean`). A window is a set of values, not of workers: where an
+    entry outside it is exactly as close to m as one inside with another
+    value, SPEC T0 picks by worker index, and those columns (with a non-finite
+    median's) are recomputed through the rows in worker order
+    (`_mean_around_median_rows`), in gathered blocks of columns when few, else
+    whole. Equal values tie at no cost (ALIE's f equal rows). bfloat16 has 8
+    bits of mantissa: its columns tie too often for the window (Gaussian
+    (25, 1e6): more than 16 blocks with a tie, 22.8 ms for the window and then
+    the rows, against 16.3 ms for the rows alone), so it takes the general
+    form, as 2k < n does. Bulyan keeps the general form
+    (`mean_around_median_of`): on its rows a window took 50.8 against 19.7 ms at
+    (25, 1e6).
+
+    `stored`: as in `coordinate_median`: the window's loop, which settles its
+    NaN columns itself in the steps that hold one, in float32 up to
+    `NETWORK_MAX_N` rows (above 32, its bits are the window's and the general
+    form's as here, where XLA's form is the general one: the same values,
+    rounded otherwise); without a window, the whole rule as one loop,
     `networks.mean_around_median_source`, the general form's bits, which
-    `_mean_around_median_rows` gives too). Differentiated as
-    `_mean_around_selected`.
+    `_mean_around_median_rows` gives too. Above 32 rows XLA keeps the general
+    form: with the window's NaN columns fixed after it, the fix's second
+    network compiled in 2.5 s more at n = 100, and a fix off the window's own
+    delta, written out beside its mean, ran 126 against 14 ms at (128, 1e5).
+    Differentiated as `_mean_around_selected`.
     """
     return differentiated_as(
         functools.partial(_mean_around_median_forms, k=k, stored=stored),
@@ -794,8 +806,10 @@ def _mean_around_median_forms(x: jax.Array, k: int, stored: bool) -> jax.Array:
     # Its values only: `coordinate_mean_around_median` differentiates it as
     # `_mean_around_selected`, so the loops run bare.
     n = x.shape[0]
-    windowed = 2 * k >= n and x.dtype == jnp.float32 and n <= FULL_NETWORK_MAX_N
-    if stored and not windowed and _selection_kernel(x):
+    windowed = 2 * k >= n and x.dtype == jnp.float32
+    if stored and _selection_kernel(x):
+        if windowed:  # the loop settles the window's NaN columns itself
+            return networks.network_rule(x, networks.window_mean_source(n, k))
         source = networks.mean_around_median_source(n, k, x.dtype.type)
         return networks.network_rule(x, source)
     if n > FULL_NETWORK_MAX_N:
@@ -803,16 +817,9 @@ def _mean_around_median_forms(x: jax.Array, k: int, stored: bool) -> jax.Array:
         # the fused loops, XLA:CPU took 4 min 15 s to compile (100, 1e6) (the
         # median network, then the deviations' network).
         return promoted_blocks(lambda x: _mean_around_own_median(x, k), x)
-    if 2 * k < n or x.dtype != jnp.float32:
-        # bfloat16 has 8 bits of mantissa: its columns tie too often for the
-        # window (Gaussian (25, 1e6): more than 16 blocks with a tie, 22.8 ms for
-        # the window and then the rows, against 16.3 ms for the rows alone).
-        return _mean_around_median_rows(x, k)
-    if stored and _network_kernel(x, dtypes=(jnp.float32,)):
-        window = networks.network_rule(x, networks.window_mean_source(n, k))
-    else:
-        window = _window_mean(x, k)
-    return _fix_columns(x, k, window)
+    if windowed:
+        return _fix_columns(x, k, _window_mean(x, k))
+    return _mean_around_median_rows(x, k)
 
 
 def _mean_around_selected(x: jax.Array, k: int) -> jax.Array:
@@ -911,7 +918,9 @@ def _ranked_median(r: list[jax.Array]) -> jax.Array:
 
 def _window_mean(x: jax.Array, k: int) -> jax.Array:
     """The window's mean, NaN where a tie or a non-finite median makes the window
-    possibly not SPEC T0's set (see `coordinate_mean_around_median`); 2k >= n."""
+    possibly not SPEC T0's set (see `coordinate_mean_around_median`); 2k >= n.
+    By min/max compare-exchanges above 32 rows (`ranked_rows`), as the CPU loop
+    takes it there (`networks.window_mean_source`)."""
     n = x.shape[0]
     r = ranked_rows(x, cuts=window_cuts(n, k))
     m = _ranked_median(r)

@@ -671,6 +671,20 @@ def _bits(a):
     return np.where(np.isnan(a), np.float32(np.nan), a).view(np.uint32)
 
 
+def _loop_window(k):
+    """The XLA form whose bits the float32 window loop has: the rule's up to 32
+    rows; above, the window's mean, its NaN columns the general form's (the
+    rule's own form there: `networks.window_mean_source`)."""
+
+    def form(x):
+        if x.shape[0] <= 32:
+            return nm.coordinate_mean_around_median(x, k)
+        window = nm._window_mean(x, k)
+        return jnp.where(jnp.isnan(window), nm._mean_around_own_median(x, k), window)
+
+    return form
+
+
 def _loop_trimmed_mean(b):
     """The XLA form whose bits the trimmed mean's loop has: the partition
     network's middle ranks (the rule's own form up to 32 rows; above, the rule
@@ -693,14 +707,6 @@ def _widths_here():
     from byzjax._native import networks
 
     return sorted({8, networks.native_width()})
-
-
-def _settled_window(x, k):
-    # The window loop's columns: the window's mean, or where a tie leaves that
-    # NaN (`_window_mean`) and the median is finite, the worker-order form's.
-    window = nm._window_mean(x, k)
-    tied = jnp.isnan(window) & jnp.isfinite(nm.coordinate_median(x))
-    return jnp.where(tied, nm._mean_around_median_rows(x, k), window)
 
 
 @pytest.mark.parametrize("width", [8, 16])
@@ -730,9 +736,10 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
             )
     if dtype == np.float32:
         for k in sorted({(n + 1) // 2, n - 1, n}):
+            # The window, its NaN columns settled (`_fix_columns`).
             cases[f"window {k}"] = (
                 networks.window_mean_source(n, k, width),
-                lambda x, k=k: _settled_window(x, k),
+                functools.partial(nm.coordinate_mean_around_median, k=k),
             )
     for name, (source, xla_form) in cases.items():
         got = _jit(lambda x, s=source: networks.network_rule(x, s))(x)
@@ -764,22 +771,26 @@ def test_selection_loops_above_32_rows_give_the_xla_bits(n, d, b, dtype):
     x = _network_inputs(n * 1000 + d, n, d, dtype)
     # One trimming each (each loop and XLA form takes seconds to compile): the
     # fewest, a quarter, the most.
+    # Each rule and the XLA form whose bits its loop has.
     rules = {
-        "median": nm.coordinate_median,
-        "trimmed mean": functools.partial(nm.coordinate_trimmed_mean, b=b),
+        "median": (nm.coordinate_median, nm.coordinate_median),
+        "trimmed mean": (
+            functools.partial(nm.coordinate_trimmed_mean, b=b),
+            _loop_trimmed_mean(b),
+        ),
     }
     if n in (34, 65):  # XLA's form took 3.2 s to compile at (99, k = 75), 1.7 s
         # at 65 rows in bfloat16. k = n - b ties at the top (two non-finite rows)
-        # in most columns, so the loop sums in worker order; k = 18 has no tie at
-        # delta in the Gaussian columns, so it takes them all (its other branch).
+        # in most columns, so the loops settle them in worker order; k = 18 has
+        # no tie at delta in the Gaussian columns (the general loop's other
+        # branch, in bfloat16).
         for k in (n - b, 18) if n == 34 else (n - b,):
-            rules[f"mean around the median, k = {k}"] = functools.partial(
-                nm.coordinate_mean_around_median, k=k
-            )
-    for name, rule in rules.items():
+            rule = functools.partial(nm.coordinate_mean_around_median, k=k)
+            form = _loop_window(k) if dtype == np.float32 else rule
+            rules[f"mean around the median, k = {k}"] = (rule, form)
+    for name, (rule, xla_form) in rules.items():
         fn = _jit(functools.partial(rule, stored=True))
         assert "byzjax_network" in jax.jit(fn).lower(x).as_text(), name
-        xla_form = _loop_trimmed_mean(b) if name == "trimmed mean" else rule
         want = _bits(_jit(xla_form)(x))
         np.testing.assert_array_equal(_bits(fn(x)), want, err_msg=name)
 
@@ -818,11 +829,17 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
             functools.partial(networks.trimmed_mean_source, b=b, paired=False),
             _loop_trimmed_mean(b),
         ),
+        # The general form (float32 takes the window where 2k >= n).
         "mean around the median": (
             functools.partial(networks.mean_around_median_source, k=k, paired=False),
-            functools.partial(nm.coordinate_mean_around_median, k=k),
+            functools.partial(nm._mean_around_own_median, k=k),
         ),
     }
+    if dtype == np.float32:
+        cases["window"] = (
+            lambda n, dtype, **form: networks.window_mean_source(n, k, **form),
+            _loop_window(k),
+        )
     if n <= 32:  # below 33 rows only the median takes the keys (`keyed_exchanges`)
         cases = {"median": cases["median"]}
     for name, (source, rule) in cases.items():
@@ -852,6 +869,8 @@ def test_loops_streamed_or_blocked_give_the_same_bits(n, d, dtype):
             networks.mean_around_median_source, n, k, dtype
         ),
     }
+    if dtype == np.float32:
+        sources["window"] = functools.partial(networks.window_mean_source, n, k)
     for name, source in sources.items():
         loops = [source(streamed=on) for on in (False, True)]
         bits = [
