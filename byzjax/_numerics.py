@@ -887,6 +887,7 @@ def _fix_columns(x: jax.Array, k: int, out: jax.Array) -> jax.Array:
                 lax.dynamic_slice_in_dim(x, s0, width, axis=1), k
             )
         )(starts)
+
         def put(i, o):
             block = lax.dynamic_slice_in_dim(o, starts[i], width)
             block = jnp.where(jnp.isnan(block), fixed[i], block)

@@ -1053,9 +1053,10 @@ def window_mean_source(
     them (up to 32 rows by float exchanges: on keys it lost, `keyed_exchanges`).
 
     Above 32 rows it replaces the general loop (`mean_around_median_source`),
-    whose bits XLA's form there has: alternated in one process, at (100, 1e6)
-    20.8-23.9 against 22.6-27.1 ms on Gaussian rows, 20.1-23.8 against
-    30.2-37.1 with ALIE's 24 equal rows (equal values tie at no cost here)."""
+    which has the bits of XLA's form there (the general one; the window's sums
+    round otherwise): alternated in one process, at (100, 1e6) 20.8-23.9
+    against 22.6-27.1 ms on Gaussian rows, 20.1-23.8 against 30.2-37.1 with
+    ALIE's 24 equal rows (equal values tie at no cost here)."""
     loop = _new_loop(n, jnp.float32, width, keyed, False, streamed)
     pairs = partition_pairs(n, window_cuts(n, k))
     r = loop.ranks(pairs, range(n), range(n), ordered=n > FULL_NETWORK_MAX_N)
