@@ -416,14 +416,16 @@ def test_row_dots_match_numpy(dtype):
     np.testing.assert_allclose(jax.jit(nm.row_dots)(x, w), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stored", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("k", [21, 30, 39])
-def test_mean_around_median_above_32_rows_finds_every_window(k, dtype):
+def test_mean_around_median_above_32_rows_finds_every_window(k, dtype, stored):
     # The XLA form above 32 rows takes delta as the least of the windows' larger
-    # ends (`_sorting.window_ends`). Each column holds k Gaussian values among
-    # far ones, s of them below and the rest above, s uniform in [0, n - k]: the
-    # k closest to the median are the window at rank s, the first and the last
-    # window included. Against the float64 oracle.
+    # ends (`_sorting.window_ends`); stored float32 rows on the CPU, the window
+    # loop sums the window (`networks.window_mean_source`). Each column holds k
+    # Gaussian values among far ones, s of them below and the rest above, s
+    # uniform in [0, n - k]: the k closest to the median are the window at rank
+    # s, the first and the last window included. Against the float64 oracle.
     n, d = 40, 600
     rng = np.random.default_rng(k)
     s = rng.integers(0, n - k + 1, size=d)
@@ -432,7 +434,7 @@ def test_mean_around_median_above_32_rows_finds_every_window(k, dtype):
     x = np.concatenate([rng.normal(size=(k, d)), far])
     x = np.take_along_axis(x, rng.permuted(np.tile(np.arange(n), (d, 1)), axis=1).T, 0)
     x = jnp.asarray(x, dtype)
-    got = jax.jit(lambda x: nm.coordinate_mean_around_median(x, k))(x)
+    got = jax.jit(lambda x: nm.coordinate_mean_around_median(x, k, stored=stored))(x)
     want = reference.mean_around_median(np.asarray(x, np.float64), keep=k)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-6)
 
