@@ -783,11 +783,12 @@ def coordinate_mean_around_median(
     (`mean_around_median_of`): on its rows a window took 50.8 against 19.7 ms at
     (25, 1e6).
 
-    `stored`: as in `coordinate_median`: the window's loop, which settles its
-    NaN columns itself in the steps that hold one, in float32 up to
-    `NETWORK_MAX_N` rows (above 32, its bits are the window's and the general
-    form's as here, where XLA's form is the general one: the same values,
-    rounded otherwise); without a window, the whole rule as one loop,
+    `stored`: as in `coordinate_median`: with 2k >= n, the window's loop, which
+    settles its NaN columns itself in the steps that hold one, up to
+    `NETWORK_MAX_N` rows, bfloat16 rows too (up to 32 rows the bits of this
+    function on the rows widened to float32; above, and for bfloat16 rows,
+    where XLA's form is the general one, the same values rounded otherwise);
+    with 2k < n, the whole rule as one loop,
     `networks.mean_around_median_source`, the general form's bits, which
     `_mean_around_median_rows` gives too. Above 32 rows XLA keeps the general
     form: with the window's NaN columns fixed after it, the fix's second
@@ -806,12 +807,13 @@ def _mean_around_median_forms(x: jax.Array, k: int, stored: bool) -> jax.Array:
     # Its values only: `coordinate_mean_around_median` differentiates it as
     # `_mean_around_selected`, so the loops run bare.
     n = x.shape[0]
-    windowed = 2 * k >= n and x.dtype == jnp.float32
     if stored and _selection_kernel(x):
-        if windowed:  # the loop settles the window's NaN columns itself
-            return networks.network_rule(x, networks.window_mean_source(n, k))
-        source = networks.mean_around_median_source(n, k, x.dtype.type)
+        if 2 * k >= n:  # the loop settles the window's NaN columns itself
+            source = networks.window_mean_source(n, k, dtype=x.dtype.type)
+        else:
+            source = networks.mean_around_median_source(n, k, x.dtype.type)
         return networks.network_rule(x, source)
+    windowed = 2 * k >= n and x.dtype == jnp.float32
     if n > FULL_NETWORK_MAX_N:
         # A bfloat16 input is promoted block by block: with its rows converted in
         # the fused loops, XLA:CPU took 4 min 15 s to compile (100, 1e6) (the

@@ -672,11 +672,13 @@ def _bits(a):
 
 
 def _loop_window(k):
-    """The XLA form whose bits the float32 window loop has: the rule's up to 32
-    rows; above, the window's mean, its NaN columns the general form's (the
-    rule's own form there: `networks.window_mean_source`)."""
+    """The XLA form whose bits the window loop has: the float32 rule's on the
+    rows widened to float32 (as the loop loads them) up to 32 rows; above, the
+    window's mean, its NaN columns the general form's (the rule's own form
+    there: `networks.window_mean_source`)."""
 
     def form(x):
+        x = x.astype(jnp.float32)
         if x.shape[0] <= 32:
             return nm.coordinate_mean_around_median(x, k)
         window = nm._window_mean(x, k)
@@ -781,13 +783,10 @@ def test_selection_loops_above_32_rows_give_the_xla_bits(n, d, b, dtype):
     }
     if n in (34, 65):  # XLA's form took 3.2 s to compile at (99, k = 75), 1.7 s
         # at 65 rows in bfloat16. k = n - b ties at the top (two non-finite rows)
-        # in most columns, so the loops settle them in worker order; k = 18 has
-        # no tie at delta in the Gaussian columns (the general loop's other
-        # branch, in bfloat16).
+        # in most columns, so the window loops settle them in worker order.
         for k in (n - b, 18) if n == 34 else (n - b,):
             rule = functools.partial(nm.coordinate_mean_around_median, k=k)
-            form = _loop_window(k) if dtype == np.float32 else rule
-            rules[f"mean around the median, k = {k}"] = (rule, form)
+            rules[f"mean around the median, k = {k}"] = (rule, _loop_window(k))
     for name, (rule, xla_form) in rules.items():
         fn = _jit(functools.partial(rule, stored=True))
         assert "byzjax_network" in jax.jit(fn).lower(x).as_text(), name
@@ -930,15 +929,15 @@ def test_bfloat16_loops_on_column_pairs_give_the_xla_bits(n, d, width):
 @pytest.mark.parametrize(
     "n,d,k,dtype",
     [
-        (3, 40, 3, jnp.bfloat16),  # all columns of -0 alone: XLA's sum is -0
-        (8, 37, 5, jnp.bfloat16),
-        (25, 1001, 20, jnp.bfloat16),
-        (8, 37, 3, np.float32),  # 2k < n: no window
+        (3, 40, 1, jnp.bfloat16),  # all columns of -0 alone: XLA's sum is -0
+        (8, 37, 3, jnp.bfloat16),
+        (25, 1001, 12, jnp.bfloat16),
+        (8, 37, 3, np.float32),
     ],
 )
 def test_mean_around_median_loop_without_a_window_gives_the_xla_bits(n, d, k, dtype):
-    # Where the window form does not apply (bfloat16, or 2k < n) the rule runs its
-    # general form as one loop up to 32 rows too, with the bits of XLA's row form.
+    # Where the window form does not apply (2k < n) the rule runs its general
+    # form as one loop up to 32 rows too, with the bits of XLA's row form.
     x = _network_inputs(n * 1000 + d, n, d, dtype)
     fn = _jit(lambda x: nm.coordinate_mean_around_median(x, k, stored=True))
     assert "byzjax_network" in jax.jit(fn).lower(x).as_text()
@@ -964,6 +963,11 @@ def test_mean_around_median_window_loop_settles_ties_as_xla_does():
     xla = _jit(lambda x: nm.coordinate_mean_around_median(x, k))
     for name, x in {"few": few, "many": _network_inputs(7, n, d, np.float32)}.items():
         np.testing.assert_array_equal(_bits(fn(x)), _bits(xla(x)), err_msg=name)
+        # bfloat16 rows take the window loop too, widened as they load: the
+        # float32 rule's bits on the widened rows.
+        narrow = jnp.asarray(x, jnp.bfloat16)
+        want = _bits(xla(narrow.astype(jnp.float32)))
+        np.testing.assert_array_equal(_bits(fn(narrow)), want, err_msg=name)
 
 
 def test_mean_around_median_loop_keeps_the_signs_of_zero_totals():
