@@ -488,9 +488,9 @@ def _network_kernel(
 
 
 def _selection_kernel(x: jax.Array, n: int | None = None) -> bool:
-    """Whether the median, trimmed mean or (above 32 rows) mean around the median
-    of n stored rows of x (all of them by default) runs as a generated loop: up
-    to `NETWORK_MAX_N` rows."""
+    """Whether the median, trimmed mean or mean around the median of n stored
+    rows of x (all of them by default) runs as a generated loop: up to
+    `NETWORK_MAX_N` rows."""
     return _network_kernel(x, max_n=NETWORK_MAX_N, n=n)
 
 
