@@ -809,17 +809,16 @@ def _mean_around_median_forms(x: jax.Array, k: int, stored: bool) -> jax.Array:
     n = x.shape[0]
     if stored and _selection_kernel(x):
         if 2 * k >= n:  # the loop settles the window's NaN columns itself
-            source = networks.window_mean_source(n, k, dtype=x.dtype.type)
+            source = networks.window_mean_source(n, k, x.dtype.type)
         else:
             source = networks.mean_around_median_source(n, k, x.dtype.type)
         return networks.network_rule(x, source)
-    windowed = 2 * k >= n and x.dtype == jnp.float32
     if n > FULL_NETWORK_MAX_N:
         # A bfloat16 input is promoted block by block: with its rows converted in
         # the fused loops, XLA:CPU took 4 min 15 s to compile (100, 1e6) (the
         # median network, then the deviations' network).
         return promoted_blocks(lambda x: _mean_around_own_median(x, k), x)
-    if windowed:
+    if 2 * k >= n and x.dtype == jnp.float32:
         return _fix_columns(x, k, _window_mean(x, k))
     return _mean_around_median_rows(x, k)
 

@@ -740,7 +740,7 @@ def test_network_loops_give_the_xla_forms_bits(n, d, dtype, width):
         for k in sorted({(n + 1) // 2, n - 1, n}):
             # The window, its NaN columns settled (`_fix_columns`).
             cases[f"window {k}"] = (
-                networks.window_mean_source(n, k, width),
+                networks.window_mean_source(n, k, width=width),
                 functools.partial(nm.coordinate_mean_around_median, k=k),
             )
     for name, (source, xla_form) in cases.items():
@@ -836,7 +836,7 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
     }
     if dtype == np.float32:
         cases["window"] = (
-            lambda n, dtype, **form: networks.window_mean_source(n, k, **form),
+            functools.partial(networks.window_mean_source, k=k),
             _loop_window(k),
         )
     if n <= 32:  # below 33 rows only the median takes the keys (`keyed_exchanges`)

@@ -1039,10 +1039,10 @@ def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
 def window_mean_source(
     n: int,
     k: int,
+    dtype=jnp.float32,
     width: int | None = None,
     keyed: bool | None = None,
     streamed: bool | None = None,
-    dtype=jnp.float32,
 ) -> str:
     """`byzjax._numerics._window_mean` (n <= `NETWORK_MAX_N`, 2k >= n; bfloat16
     rows widened as they load) with the columns it leaves NaN settled as
