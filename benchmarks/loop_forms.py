@@ -31,6 +31,13 @@ from _common import alternate, command, emit, hardware  # noqa: E402
 from byzjax._allocator import reexec_tuned  # noqa: E402
 
 RULES = ("median", "trimmed_mean", "mean_around_median")
+# The loop each rule runs at these f (`pair_loops` names them so): the mean
+# around the median's window, as 2k >= n.
+LOOPS = {
+    "median": "median",
+    "trimmed_mean": "trimmed_mean",
+    "mean_around_median": "window",
+}
 
 
 def sources(rule: str, n: int, dtype, **form) -> str:
@@ -40,9 +47,7 @@ def sources(rule: str, n: int, dtype, **form) -> str:
     make = {
         "median": networks.median_source,
         "trimmed_mean": functools.partial(networks.trimmed_mean_source, b=f),
-        "mean_around_median": functools.partial(
-            networks.mean_around_median_source, k=n - f
-        ),
+        "mean_around_median": functools.partial(networks.window_mean_source, k=n - f),
     }[rule]
     return make(n=n, dtype=dtype, **form)
 
@@ -61,7 +66,7 @@ def choices(n: int):
                     rule,
                     {"paired": True},
                     {"paired": False},
-                    networks.pair_loops(jnp.bfloat16, rule),
+                    networks.pair_loops(jnp.bfloat16, LOOPS[rule]),
                 )
             )
     for rule in RULES:

@@ -835,12 +835,15 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
         ),
     }
     if dtype == np.float32:
+        window = max(k, (n + 1) // 2)  # 2k >= n
         cases["window"] = (
-            functools.partial(networks.window_mean_source, k=k),
-            _loop_window(k),
+            functools.partial(networks.window_mean_source, k=window),
+            _loop_window(window),
         )
-    if n <= 32:  # below 33 rows only the median takes the keys (`keyed_exchanges`)
-        cases = {"median": cases["median"]}
+    if n <= 32:
+        # Below 33 rows only the median takes the keys (`keyed_exchanges`); the
+        # window's form on them is bfloat16's column pairs' (`_PairLoop`).
+        cases = {name: cases[name] for name in ("median", "window") if name in cases}
     for name, (source, rule) in cases.items():
         want = _bits(_jit(rule)(x))
         for keyed in (False, True):
@@ -881,8 +884,9 @@ def test_loops_streamed_or_blocked_give_the_same_bits(n, d, dtype):
 @pytest.mark.parametrize("width", [8, 16])
 @pytest.mark.parametrize("n,d", [*NETWORK_SHAPES, (34, 37), (65, 555)])
 def test_bfloat16_loops_on_column_pairs_give_the_xla_bits(n, d, width):
-    # bfloat16's median, trimmed mean and mean around the median take two
-    # columns in each lane of the float loops, on 16-bit order keys
+    # bfloat16's median, trimmed mean and mean around the median (its window and
+    # its general form) take two columns in each lane of the float loops, on
+    # 16-bit order keys
     # (`_PairLoop`: 16 columns a step with AVX2, 32 with AVX-512BW), then their
     # arithmetic on each half: the shapes of the other loops, blocked ones above
     # 32 rows (XLA's min/max there, as the keys order zeros), and columns of
@@ -917,6 +921,12 @@ def test_bfloat16_loops_on_column_pairs_give_the_xla_bits(n, d, width):
         cases[f"mean around the median {k}"] = (
             functools.partial(networks.mean_around_median_source, k=k),
             functools.partial(nm.coordinate_mean_around_median, k=k),
+        )
+    for k in sorted({(n + 1) // 2, n - 1, n} - {0}):
+        # Below 33 rows the window's zero means are checked, not every wire.
+        cases[f"window {k}"] = (
+            functools.partial(networks.window_mean_source, k=k),
+            _loop_window(k),
         )
     for name, (make, xla_form) in cases.items():
         source = make(n=n, dtype=jnp.bfloat16, width=width, paired=True)

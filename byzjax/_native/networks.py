@@ -141,11 +141,12 @@ def native_width() -> int:
 
 @functools.cache
 def pair_loops(dtype, rule: str) -> bool:
-    """Whether the loops of `rule` ("median", "trimmed_mean" or
+    """Whether the loops of `rule` ("median", "trimmed_mean", "window" or
     "mean_around_median") over `dtype` rows take two columns in each 32-bit lane
     of the float loops, on 16-bit order keys (`_PairLoop`): bfloat16, 16 columns a
-    step with AVX2's 16-bit min and max (all three rules, measured faster on the
-    Zen 3), 32 with AVX-512BW's where the loops take AVX-512.
+    step with AVX2's 16-bit min and max (the median, the trimmed mean and the
+    general mean around the median measured faster on the Zen 3), 32 with
+    AVX-512BW's where the loops take AVX-512.
 
     With AVX-512BW, alternated against the 16-column loops (session 23, Zen 4,
     `benchmarks/loop_forms.py`, (25 | 100, 1e5 | 1e6)): the median 0.60-0.80x
@@ -153,14 +154,17 @@ def pair_loops(dtype, rule: str) -> bool:
     below 33 rows where most steps hold a -0 (redone by float exchanges), so on
     AMD (the Xeon, whose 16-bit min and max run at half its float rate, has not
     run it); the mean around the median 0.81-1.02x, 1.10-1.76x with signed
-    zeros, so never."""
+    zeros, so never; its window (session 29, alternated in one process) 0.66-0.77x
+    at (25 | 32 | 40 | 100 | 128, 1e6), 0.75-0.99x with ALIE's equal rows or
+    small integers, 1.29-1.32x at 25 and 32 rows with a third of the columns
+    +0 and -0 at random, so on AMD, as the trimmed mean."""
     if dtype != jnp.bfloat16:
         return False
     if native_width() == 8:
         return True
     if "avx512bw" not in cpu_info().get("flags", "").split():
         return False
-    return rule == "median" or (rule == "trimmed_mean" and _amd())
+    return rule == "median" or (rule in ("trimmed_mean", "window") and _amd())
 
 
 @functools.cache
@@ -270,6 +274,7 @@ class _Loop:
         # The step's first column, the values' names and +Inf's: another for the
         # float loops over the halves of a `_PairLoop`'s step (`in_floats`).
         self.column, self.tag, self.inf = "k", "v", "inf"
+        self.load_form = _LOAD[dtype, width]  # row {i}'s values from column {k}
 
     def value(self, expr: str, kind: str | None = None) -> str:
         name = f"{self.tag}{self.count}"
@@ -303,7 +308,7 @@ class _Loop:
 
     def raw(self, i: int) -> str:
         """Row i's values as they are."""
-        return self.value(_LOAD[self.dtype, self.width].format(i=i, k=self.column))
+        return self.value(self.load_form.format(i=i, k=self.column))
 
     def finite_or_inf(self, a: str) -> str:
         """a with NaN as +Inf, in one instruction: min(x, +Inf) is x for x < +Inf,
@@ -698,10 +703,7 @@ class _PairLoop(_Loop):
         return f"{self.prefix}_set1_epi16({bits})"
 
     def raw(self, i: int) -> str:
-        ptr = f"(const uint16_t*)rows[{i}] + {self.column}"
-        if self.half == 16:
-            return self.value(f"_mm512_loadu_si512({ptr})")
-        return self.value(f"_mm256_loadu_si256((const __m256i*)({ptr}))")
+        return self.value(self._load_form().format(i=i, k=self.column))
 
     def finite_or_inf(self, a: str) -> str:
         # NaN where the bits without the sign exceed +Inf's.
@@ -769,10 +771,29 @@ class _PairLoop(_Loop):
         """A float loop over half `part` of the step, its lines in this loop's (its
         values named apart from every other's)."""
         f = _Loop(self.n, jnp.bfloat16, self.half)
-        f.lines, f.inf = self.lines, "finf"
-        f.column, f.tag = f"k + {self.half * part}", f"f{self.count}_{part}_"
+        f.lines, f.helpers, f.inf = self.lines, self.helpers, "finf"
+        f.load_form = self._widened(part, self._load_form())
+        f.tag = f"f{self.count}_{part}_"
         self.count += 1
         return f
+
+    def _load_form(self) -> str:
+        ptr = "(const uint16_t*)rows[{i}] + {k}"
+        if self.half == 16:
+            return f"_mm512_loadu_si512({ptr})"
+        return f"_mm256_loadu_si256((const __m256i*)({ptr}))"
+
+    def _widened(self, part: int, a: str) -> str:
+        """Half `part` of the step's bfloat16 values a as float32: the even
+        columns (0) or the odd ones (1), each the high half of its 32-bit lane.
+        One shift or one and a wire, where widening the low and high 16 columns
+        took a cross-lane extension and a shift each, and an extract."""
+        p = self.prefix
+        if part == 0:
+            bits = f"{p}_slli_epi32({a}, 16)"
+        else:
+            bits = f"{p}_and_si{self.bits}({a}, {p}_set1_epi32((int)0xFFFF0000))"
+        return f"{p}_castsi{self.bits}_ps({bits})"
 
     def ranks(self, pairs, needed, checked, ordered=False) -> list[str | None]:
         r = self.network(pairs, needed, keyed=True)
@@ -801,45 +822,43 @@ class _PairLoop(_Loop):
     def _float_ranks(self, pairs, live) -> list[str]:
         """The `live` wires after `pairs` by the float loop's selects, each half
         of the step on its own, packed back to bfloat16 bits (exact: every wire
-        holds a row's value)."""
-        p, tops = self.prefix, []
+        holds a row's value, whose low 16 bits are zero)."""
+        p, si = self.prefix, f"si{self.bits}"
+        halves = []
         for part in (0, 1):
             half = self._half(part)
             wires = half.network(pairs, live, wire=half.load)
-            tops.append([])
-            for j in live:
-                top = f"{p}_srli_epi32({p}_castps_si{self.bits}({wires[j]}), 16)"
-                if self.half == 16:
-                    top = f"_mm512_cvtepi32_epi16({top})"
-                tops[part].append(half.value(top, "__m256i"))
-        if self.half == 16:
-            pack = "_mm512_inserti64x4(_mm512_castsi256_si512({}), {}, 1)"
-        else:  # packus interleaves the 128-bit lanes of its operands
-            pack = "_mm256_permute4x64_epi64(_mm256_packus_epi32({}, {}), 0xD8)"
-        return [self.value(pack.format(*h)) for h in zip(*tops, strict=True)]
+            halves.append([f"{p}_castps_{si}({wires[j]})" for j in live])
+        return [
+            self.value(f"{p}_or_{si}({p}_srli_epi32({even}, 16), {odd})")
+            for even, odd in zip(*halves, strict=True)
+        ]
 
     def widen(self, a: str) -> tuple[str, str]:
-        """The step's bfloat16 values a as two float32 halves."""
-        if self.half == 16:
-            parts = (
-                f"_mm512_castsi512_si256({a})",
-                f"_mm512_extracti64x4_epi64({a}, 1)",
-            )
-        else:
-            parts = (
-                f"_mm256_castsi256_si128({a})",
-                f"_mm256_extracti128_si256({a}, 1)",
-            )
-        p = self.prefix
-        bits = [f"{p}_slli_epi32({p}_cvtepu16_epi32({q}), 16)" for q in parts]
-        return tuple(
-            self.value(f"{p}_castsi{self.bits}_ps({b})", self.floats) for b in bits
-        )
+        """The step's bfloat16 values a as two float32 halves (`_widened`)."""
+        return tuple(self.value(self._widened(part, a), self.floats) for part in (0, 1))
 
     def stores(self, out) -> list[str]:
+        # The halves' columns interleaved again: AVX-512 by two permutes of both,
+        # AVX2 by unpacks (within each 128-bit lane: columns 0-3 with 8-11, 4-7
+        # with 12-15), their lanes then swapped.
+        even, odd = out
+        if self.half == 16:
+            picks = [
+                ", ".join(str(8 * h + c // 2 + 16 * (c % 2)) for c in range(16))
+                for h in (0, 1)
+            ]
+            return [
+                f"_mm512_storeu_ps(out + k + {16 * h}, _mm512_permutex2var_ps("
+                f"{even}, _mm512_setr_epi32({pick}), {odd}));"
+                for h, pick in enumerate(picks)
+            ]
+        low = f"_mm256_unpacklo_ps({even}, {odd})"
+        high = f"_mm256_unpackhi_ps({even}, {odd})"
         return [
-            f"{self.prefix}_storeu_ps(out + k + {self.half * h}, {v});"
-            for h, v in enumerate(out)
+            f"_mm256_storeu_ps(out + k + {8 * h}, "
+            f"_mm256_permute2f128_ps({low}, {high}, {lanes}));"
+            for h, lanes in enumerate(("0x20", "0x31"))
         ]
 
 
@@ -1042,6 +1061,7 @@ def window_mean_source(
     dtype=jnp.float32,
     width: int | None = None,
     keyed: bool | None = None,
+    paired: bool | None = None,
     streamed: bool | None = None,
 ) -> str:
     """`byzjax._numerics._window_mean` (n <= `NETWORK_MAX_N`, 2k >= n; bfloat16
@@ -1051,8 +1071,10 @@ def window_mean_source(
     (SPEC T0 picks by worker index) or the median is not finite, the
     worker-order form's bits, made in a function that only the steps holding
     such a column call (`_Loop.cold`). The network by min/max above 32 rows, as
-    `ranked_rows` has it; `width`, `keyed` and `streamed` as `_new_loop` takes
-    them (up to 32 rows by float exchanges: on keys it lost, `keyed_exchanges`).
+    `ranked_rows` has it; `width`, `keyed`, `paired` and `streamed` as
+    `_pair_or_new_loop` takes them (float32 up to 32 rows by float exchanges: on
+    keys it lost, `keyed_exchanges`; bfloat16 on column pairs on AMD,
+    `pair_loops`).
 
     Above 32 rows, and for bfloat16 rows, it replaces the general loop
     (`mean_around_median_source`), which has the bits of XLA's form there (the
@@ -1060,43 +1082,59 @@ def window_mean_source(
     float32 at (100, 1e6) 20.8-23.9 against 22.6-27.1 ms on Gaussian rows,
     20.1-23.8 against 30.2-37.1 with ALIE's 24 equal rows (equal values tie at
     no cost here); bfloat16 20.9 against 26.2 ms (ALIE 25.1 against 28.7), at
-    (25, 1e6) 3.67 against 4.32 (3.91 against 5.34)."""
-    loop = _new_loop(n, dtype, width, keyed, False, streamed)
+    (25, 1e6) 3.67 against 4.32 (3.91 against 5.34), before its column pairs."""
+    loop = _pair_or_new_loop(n, dtype, "window", width, keyed, paired, streamed)
     pairs = partition_pairs(n, window_cuts(n, k))
-    r = loop.ranks(pairs, range(n), range(n), ordered=n > FULL_NETWORK_MAX_N)
-    m = loop.median(r)
-    zero = f"{loop.prefix}_setzero_ps()"
-    ends, ties = [], loop.value(zero)
-    for i in range(n - k):
-        up = loop.op("sub_ps", r[i + k], m)
-        down = loop.op("sub_ps", m, r[i])
-        ends.append(loop.select(loop.compare(up, down, "_CMP_LT_OQ"), r[i], r[i + k]))
-        tie = loop.compare(up, down, "_CMP_EQ_OQ")
-        ties = loop.op("add_ps", ties, loop.masked(tie, up))
-    window = [*r[n - k : k], *ends]
-    mean = loop.mean(loop.sum_tree(window), k)
-    unsure = loop.either(
-        loop.compare(ties, zero, "_CMP_GT_OQ"),
-        loop.compare(loop.magnitude(m), "inf", "_CMP_NLT_UQ"),
-    )
+    ordered = n > FULL_NETWORK_MAX_N
+    r = loop.network(pairs, range(n), ordered=ordered, keyed=loop.keyed)
 
-    def settled(mean, m, *window):
-        # delta, the k-th smallest deviation, is the window's largest one; with
-        # a non-finite median every deviation is +Inf, so delta is too, as in
-        # the general form.
-        def deviation_of(v):
-            return loop.deviation(loop.op("sub_ps", v, m))
-
-        delta = functools.reduce(
-            lambda a, b: loop.magnitude_bound("max", a, b), map(deviation_of, window)
+    def window_mean(f, r, signed):
+        m = f.median(r)
+        zero = f"{f.prefix}_setzero_ps()"
+        ends, ties = [], f.value(zero)
+        for i in range(n - k):
+            up = f.op("sub_ps", r[i + k], m)
+            down = f.op("sub_ps", m, r[i])
+            ends.append(f.select(f.compare(up, down, "_CMP_LT_OQ"), r[i], r[i + k]))
+            tie = f.compare(up, down, "_CMP_EQ_OQ")
+            ties = f.op("add_ps", ties, f.masked(tie, up))
+        window = [*r[n - k : k], *ends]
+        mean = f.mean(f.sum_tree(window), k)
+        unsure = f.either(
+            f.compare(ties, zero, "_CMP_GT_OQ"),
+            f.compare(f.magnitude(m), f.inf, "_CMP_NLT_UQ"),
         )
-        rows = _mean_in_worker_order(
-            loop, k, lambda i: deviation_of(loop.raw(i)), delta
-        )
-        return [loop.select("mask", mean, rows)]
 
-    (mean,) = loop.cold(unsure, [mean], settled, [mean, m, *window])
-    return loop.source(mean)
+        def settled(mean, m, *window):
+            # delta, the k-th smallest deviation, is the window's largest one;
+            # with a non-finite median every deviation is +Inf, so delta is too,
+            # as in the general form.
+            def deviation_of(v):
+                return f.deviation(f.op("sub_ps", v, m))
+
+            delta = functools.reduce(
+                lambda a, b: f.magnitude_bound("max", a, b), map(deviation_of, window)
+            )
+            rows = _mean_in_worker_order(f, k, lambda i: deviation_of(f.raw(i)), delta)
+            return [f.select("mask", mean, rows)]
+
+        (mean,) = f.cold(unsure, [mean], settled, [mean, m, *window])
+        if not signed:
+            return mean
+
+        # Order keys put -0 below +0 where XLA's selects keep equal zeros in
+        # their wires' order. Every wire holds the same value either way, so
+        # the means differ only where the window's sum is a zero: such steps,
+        # where their column holds a -0, run again by selects (`rewire`). One
+        # compare a step, where a check of every wire (`ranks`) took n.
+        def by_selects():
+            return [window_mean(f, f.network(pairs, range(n), wire=f.load), False)]
+
+        (mean,) = f.rewire(f.compare(mean, zero, "_CMP_EQ_OQ"), [mean], by_selects)
+        return mean
+
+    signed = loop.keyed and not ordered
+    return loop.source(loop.in_floats(lambda f, r: window_mean(f, r, signed), r))
 
 
 @functools.cache
