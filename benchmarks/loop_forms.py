@@ -70,7 +70,7 @@ def choices(n: int):
                 )
             )
     for rule in RULES:
-        if rule == "median" or n > networks.FULL_NETWORK_MAX_N:
+        if LOOPS[rule] in ("median", "window") or n > networks.FULL_NETWORK_MAX_N:
             out.append(
                 (
                     "order keys",
@@ -78,9 +78,7 @@ def choices(n: int):
                     rule,
                     {"keyed": True},
                     {"keyed": False},
-                    networks.keyed_exchanges(
-                        n, networks.native_width(), rule == "median"
-                    ),
+                    networks.keyed_exchanges(n, networks.native_width(), LOOPS[rule]),
                 )
             )
     for dtype in (jnp.float32, jnp.bfloat16):

@@ -841,8 +841,8 @@ def test_loops_on_order_keys_give_the_xla_bits(dtype, width, n):
             _loop_window(window),
         )
     if n <= 32:
-        # Below 33 rows only the median takes the keys (`keyed_exchanges`); the
-        # window's form on them is bfloat16's column pairs' (`_PairLoop`).
+        # Below 33 rows only the median and the window take the keys
+        # (`keyed_exchanges`).
         cases = {name: cases[name] for name in ("median", "window") if name in cases}
     for name, (source, rule) in cases.items():
         want = _bits(_jit(rule)(x))

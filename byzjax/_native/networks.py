@@ -175,9 +175,10 @@ def _amd() -> bool:
     return cpu_info().get("vendor_id") == "AuthenticAMD"
 
 
-def keyed_exchanges(n: int, width: int, median: bool = False) -> bool:
-    """Whether the loops over n rows (the median's if `median`), `width` columns a
-    step, compare-exchange on order keys (`_Loop.ranks`) on this CPU: on AMD's,
+def keyed_exchanges(n: int, width: int, rule: str = "") -> bool:
+    """Whether the loops of `rule` ("median", "window", ...) over n rows, `width`
+    columns a step, compare-exchange on order keys (`_Loop.network`) on this
+    CPU: on AMD's,
     which run twice as many integer min or max a cycle as float ones (12
     independent chains, `/tmp` programs: Zen 4 6.4e9 16-lane against 3.2e9 a
     second on one core, Zen 3 12.8e9 8-lane against 6.4e9).
@@ -188,13 +189,17 @@ def keyed_exchanges(n: int, width: int, median: bool = False) -> bool:
     the median 35.5 against 37.7; bfloat16 (where the keys replace the range
     instruction) the median 21.2 against 41.3 ms. At 25 rows the median gained a
     little (3.15 against 3.61 ms at (25, 1e6) bfloat16, 3.6-4.0 against 3.8-4.0
-    float32), the trimmed mean nothing, and the window mean lost (its check
-    covers every wire). Zen 3 (AVX2, spill-bound above 32 rows), float32
+    float32), the trimmed mean nothing, and the window mean lost while its
+    check covered every wire (now one compare of its mean and the column's
+    least value, `zero_sum_rewire`: alternated in one process, 0.86-0.97 the
+    time at (25 | 32, 1e5 | 1e6) on Gaussian rows, ALIE's and all-+0 columns,
+    1.04-1.54 with +0 and -0 at random in a third of the columns). Zen 3
+    (AVX2, spill-bound above 32 rows), float32
     alternated with `ones @ x` (14.3 ms): at (100, 1e6) the median 31.0 against
     33.3 ms, the trimmed mean 36.1 against 40.2, mean around the median 48.5
     against 52.9; at (25, 1e6) the median 3.61 against 4.21 ms, the trimmed mean
     no difference beyond noise."""
-    return (median or n > FULL_NETWORK_MAX_N) and _amd()
+    return (rule in ("median", "window") or n > FULL_NETWORK_MAX_N) and _amd()
 
 
 def streamed_loops(n: int, width: int) -> bool:
@@ -373,7 +378,7 @@ class _Loop:
 
         return self.cold(zeros, values, remade)
 
-    def zero_sum_rewire(self, mean: str, by_selects) -> str:
+    def zero_sum_rewire(self, mean: str, by_selects, least: str | None = None) -> str:
         """A mean of ranks off a network on order keys, or `by_selects()`'s (the
         same mean off XLA's selects) where it is a zero in a column that holds a
         -0 (`rewire`). The keys put -0 below +0 where the selects keep equal
@@ -385,6 +390,11 @@ class _Loop:
         Gaussian rows, 0.75-0.82 on small integers (-0 in a tenth of the
         entries, so most steps with a zero rank were redone)."""
         zero = self.compare(mean, f"{self.prefix}_setzero_ps()", "_CMP_EQ_OQ")
+        if least is not None:
+            # With the column's least value at hand: a column without a -0 has
+            # no value below +0 in key order, so its least is +0 or above (all
+            # +0, as in a weight's gradient for an input that is always 0).
+            zero = self.both(zero, self.signed(least))
         (mean,) = self.rewire(zero, [mean], lambda: [by_selects()])
         return mean
 
@@ -423,6 +433,16 @@ class _Loop:
         self.lines.append("}")
         self.lines.append("}")
         return names
+
+    def signed(self, a: str) -> str:
+        """The lanes of a whose sign bit is set (-0 among them), as `compare`
+        gives them."""
+        p, si = self.prefix, f"si{self.width * 32}"
+        if self.width == 8:
+            return self.value(
+                f"_mm256_castsi256_ps(_mm256_srai_epi32({p}_castps_{si}({a}), 31))"
+            )
+        return self.value(f"_mm512_movepi32_mask({p}_castps_{si}({a}))", "__mmask16")
 
     def compare_bits(self, a: str, bits: str) -> str:
         """The lanes of a whose 32 bits are `bits`, as `compare` gives them."""
@@ -745,6 +765,16 @@ class _PairLoop(_Loop):
     def exchange(self, a: str, b: str, end: str, ordered: bool, keyed: bool) -> str:
         return self.value(f"{self.prefix}_{end}_epi16({a}, {b})")
 
+    def signed(self, a: str) -> str:
+        """The lanes of a whose sign bit is set (-0 among them), as `compare`
+        gives them."""
+        p, si = self.prefix, f"si{self.width * 32}"
+        if self.width == 8:
+            return self.value(
+                f"_mm256_castsi256_ps(_mm256_srai_epi32({p}_castps_{si}({a}), 31))"
+            )
+        return self.value(f"_mm512_movepi32_mask({p}_castps_{si}({a}))", "__mmask16")
+
     def compare_bits(self, a: str, bits: str) -> str:
         pair = f"{a}, {self._set(bits)}"
         if self.half == 16:
@@ -882,14 +912,14 @@ def _new_loop(
     dtype,
     width: int | None,
     keyed: bool | None,
-    median: bool,
+    rule: str,
     streamed: bool | None,
 ) -> _Loop:
     """A loop of `width` columns a step, this CPU's `native_width()` unless given;
     on order keys where `keyed`, this CPU's `keyed_exchanges` unless given;
     `streamed` as `_Loop` takes it."""
     width = width or native_width()
-    keyed = keyed_exchanges(n, width, median) if keyed is None else keyed
+    keyed = keyed_exchanges(n, width, rule) if keyed is None else keyed
     return _Loop(n, dtype, width, keyed, streamed)
 
 
@@ -907,7 +937,7 @@ def _pair_or_new_loop(
     `_new_loop`'s. The source functions' `form` is these keywords."""
     if pair_loops(dtype, rule) if paired is None else paired:
         return _PairLoop(n, width or native_width(), streamed)
-    return _new_loop(n, dtype, width, keyed, rule == "median", streamed)
+    return _new_loop(n, dtype, width, keyed, rule, streamed)
 
 
 def median_source(n: int, dtype, **form) -> str:
@@ -1099,9 +1129,10 @@ def window_mean_source(
     worker-order form's bits, made in a function that only the steps holding
     such a column call (`_Loop.cold`). The network by min/max above 32 rows, as
     `ranked_rows` has it; `width`, `keyed`, `paired` and `streamed` as
-    `_pair_or_new_loop` takes them (float32 up to 32 rows by float exchanges: on
-    keys it lost, `keyed_exchanges`; bfloat16 on column pairs on AMD,
-    `pair_loops`).
+    `_pair_or_new_loop` takes them (on AMD: float32 on order keys,
+    `keyed_exchanges`, and bfloat16 on column pairs, `pair_loops`; where keys
+    put zeros otherwise than XLA's selects, below 33 rows, `zero_sum_rewire`
+    settles the signs of zero means).
 
     Above 32 rows, and for bfloat16 rows, it replaces the general loop
     (`mean_around_median_source`), which has the bits of XLA's form there (the
@@ -1152,7 +1183,7 @@ def window_mean_source(
         def by_selects():
             return window_mean(f, f.network(pairs, range(n), wire=f.load), False)
 
-        return f.zero_sum_rewire(mean, by_selects)
+        return f.zero_sum_rewire(mean, by_selects, least=r[0])
 
     signed = loop.keyed and not ordered
     return loop.source(loop.in_floats(lambda f, r: window_mean(f, r, signed), r))
