@@ -269,7 +269,7 @@ class _Loop:
         self.lines: list[str] = []
         self.count = 0
         self.n, self.dtype, self.width = n, dtype, width
-        self.keyed = keyed  # compare-exchanges on order keys: see `ranks`
+        self.keyed = keyed  # compare-exchanges on order keys: see `network`
         self.helpers: list[str] = []  # functions the loop calls (`rewire`)
         self.prefix = {8: "_mm256", 16: "_mm512"}[width]
         self.vector = {8: "__m256", 16: "__m512"}[width]
@@ -385,7 +385,7 @@ class _Loop:
         zeros in their wires' order; every wire holds the same value either way,
         and a float sum is -0 only where every term is, so the two means differ
         only where they are zeros. One compare a step, where a check of every
-        rank summed (`ranks`) took one a rank. The trimmed mean of 25 and 32
+        rank summed took one a rank. The trimmed mean of 25 and 32
         rows on column pairs, alternated in one process: 0.87-1.06 the time on
         Gaussian rows, 0.75-0.82 on small integers (-0 in a tenth of the
         entries, so most steps with a zero rank were redone)."""
@@ -549,34 +549,6 @@ class _Loop:
             return self.compare(a, b, "_CMP_LT_OQ")
         return self.value(f"_mm512_cmplt_epi32_mask({a}, {b})", "__mmask16")
 
-    def ranks(self, pairs, needed, checked, ordered=False) -> list[str | None]:
-        """The wires after `pairs` (`network`), on order keys where `keyed`.
-
-        Keys put -0 below +0, as XLA's min/max do (`ordered`), where its selects
-        keep equal zeros in their wires' order. Every other value is the same
-        either way (a wire holds its rank's value; NaN is +Inf by then). So for
-        the selects' bits, where one of the `checked` wires is a zero in a
-        column that holds a -0, the step's wires are made again by float
-        exchanges (`rewire`)."""
-        if ordered or not self.keyed:
-            return self.network(pairs, needed, ordered=ordered, keyed=self.keyed)
-        r = self.network(pairs, needed, keyed=True)
-        zero = f"{self.prefix}_setzero_ps()"
-        zeros = [self.compare(r[i], zero, "_CMP_EQ_OQ") for i in checked]
-        while len(zeros) > 1:
-            zeros = [self.either(*zeros[:2]), *zeros[2:]]
-        live = sorted(needed)
-
-        def by_floats():
-            wires = self.network(pairs, needed)
-            return [wires[i] for i in live]
-
-        kept = self.rewire(zeros[0], [r[i] for i in live], by_floats)
-        out = list(r)
-        for i, name in zip(live, kept, strict=True):
-            out[i] = name
-        return out
-
     def network(
         self, pairs, needed, wire=None, ordered=False, keyed=False
     ) -> list[str | None]:
@@ -710,8 +682,8 @@ class _PairLoop(_Loop):
     AVX-512BW), so half their instructions per column; what follows the network
     on the step's two halves widened to float32. Keys put -0 below +0 (XLA's
     min/max networks, above `SELECT_MAX_N`); for its selects below, the steps
-    with a zero rank in a column that holds a -0 run again by the float loop's
-    exchanges on each half (`ranks`).
+    with a zero result in a column that holds a -0 run again by the float loop's
+    exchanges on each half (`zero_sum_rewire`).
 
     On the 2-core Xeon (family 6 model 167), alternated with the 16-column
     loop: the median of (25, 1e6) 1.45-1.49 against 1.69-1.71 ms (the read of
@@ -724,8 +696,6 @@ class _PairLoop(_Loop):
     bytes: the median of (25, 1e6) 3.50 against 5.55 ms (the read 2.81), of
     (100, 1e6) 19.0 against 29.1 ms (6.2), of (25, 1e5) 0.26 against 0.46 ms,
     of (100, 1e5) 2.8 against 5.0 ms (0.9)."""
-
-    NEGATIVE_ZERO = "(short)0x8000"
 
     def __init__(self, n: int, half: int, streamed: bool | None = None):
         super().__init__(n, jnp.bfloat16, half, keyed=True, streamed=streamed)
@@ -764,40 +734,6 @@ class _PairLoop(_Loop):
 
     def exchange(self, a: str, b: str, end: str, ordered: bool, keyed: bool) -> str:
         return self.value(f"{self.prefix}_{end}_epi16({a}, {b})")
-
-    def signed(self, a: str) -> str:
-        """The lanes of a whose sign bit is set (-0 among them), as `compare`
-        gives them."""
-        p, si = self.prefix, f"si{self.width * 32}"
-        if self.width == 8:
-            return self.value(
-                f"_mm256_castsi256_ps(_mm256_srai_epi32({p}_castps_{si}({a}), 31))"
-            )
-        return self.value(f"_mm512_movepi32_mask({p}_castps_{si}({a}))", "__mmask16")
-
-    def compare_bits(self, a: str, bits: str) -> str:
-        pair = f"{a}, {self._set(bits)}"
-        if self.half == 16:
-            return self.value(f"_mm512_cmpeq_epi16_mask({pair})", self.mask)
-        return self.value(f"_mm256_cmpeq_epi16({pair})")
-
-    def both(self, m1: str, m2: str) -> str:
-        if self.half == 16:
-            return self.value(f"_kand_mask32({m1}, {m2})", self.mask)
-        return self.value(f"_mm256_and_si256({m1}, {m2})")
-
-    def either(self, m1: str, m2: str) -> str:
-        if self.half == 16:
-            return self.value(f"_kor_mask32({m1}, {m2})", self.mask)
-        return self.value(f"_mm256_or_si256({m1}, {m2})")
-
-    def any_of(self, mask: str) -> str:
-        if self.half == 16:
-            return f"{mask} != 0"
-        return f"_mm256_movemask_epi8({mask}) != 0"
-
-    def _mask_type(self) -> str:
-        return self.mask
 
     def _inf(self) -> str:
         # +Inf's bits for the network, and the float one for `in_floats`.
@@ -839,45 +775,6 @@ class _PairLoop(_Loop):
         else:
             bits = f"{p}_and_si{self.bits}({a}, {p}_set1_epi32((int)0xFFFF0000))"
         return f"{p}_castsi{self.bits}_ps({bits})"
-
-    def ranks(self, pairs, needed, checked, ordered=False) -> list[str | None]:
-        r = self.network(pairs, needed, keyed=True)
-        if ordered:
-            return r
-        zeros = []
-        for i in checked:  # the lanes of a zero of either sign
-            if self.half == 16:
-                test = f"_mm512_testn_epi16_mask({r[i]}, {self._set('0x7FFF')})"
-                zeros.append(self.value(test, self.mask))
-            else:
-                magnitude = f"_mm256_and_si256({r[i]}, {self._set('0x7FFF')})"
-                zero = "_mm256_setzero_si256()"
-                zeros.append(self.value(f"_mm256_cmpeq_epi16({magnitude}, {zero})"))
-        while len(zeros) > 1:
-            zeros = [self.either(*zeros[:2]), *zeros[2:]]
-        live = sorted(needed)
-        kept = self.rewire(
-            zeros[0], [r[i] for i in live], lambda: self._float_ranks(pairs, live)
-        )
-        out = list(r)
-        for i, name in zip(live, kept, strict=True):
-            out[i] = name
-        return out
-
-    def _float_ranks(self, pairs, live) -> list[str]:
-        """The `live` wires after `pairs` by the float loop's selects, each half
-        of the step on its own, packed back to bfloat16 bits (exact: every wire
-        holds a row's value, whose low 16 bits are zero)."""
-        p, si = self.prefix, f"si{self.bits}"
-        halves = []
-        for part in (0, 1):
-            half = self._half(part)
-            wires = half.network(pairs, live, wire=half.load)
-            halves.append([f"{p}_castps_{si}({wires[j]})" for j in live])
-        return [
-            self.value(f"{p}_or_{si}({p}_srli_epi32({even}, 16), {odd})")
-            for even, odd in zip(*halves, strict=True)
-        ]
 
     def widen(self, a: str) -> tuple[str, str]:
         """The step's bfloat16 values a as two float32 halves (`_widened`)."""
@@ -945,9 +842,28 @@ def median_source(n: int, dtype, **form) -> str:
     loop's `width`, `keyed`, `paired` and `streamed` (`_pair_or_new_loop`), this
     CPU's where not given."""
     loop = _pair_or_new_loop(n, dtype, "median", **form)
-    ranks = middle_ranks(n)
-    r = loop.ranks(batcher_pairs(n), ranks, ranks, ordered=_ordered(n, dtype))
-    return loop.source(loop.median(r))
+    ranks, pairs = middle_ranks(n), batcher_pairs(n)
+    ordered = _ordered(n, dtype)
+    r = loop.network(pairs, ranks, ordered=ordered, keyed=loop.keyed)
+
+    def median(f, values, signed):
+        wires: list[str | None] = [None] * n
+        for i, v in zip(ranks, values, strict=True):
+            wires[i] = v
+        m = f.median(wires)
+        if not signed:
+            return m
+
+        def by_selects():
+            w = f.network(pairs, ranks, wire=f.load)
+            return median(f, [w[i] for i in ranks], False)
+
+        return f.zero_sum_rewire(m, by_selects)
+
+    signed = loop.keyed and not ordered
+    return loop.source(
+        loop.in_floats(lambda f, v: median(f, v, signed), [r[i] for i in ranks])
+    )
 
 
 def _ordered(n: int, dtype) -> bool:
@@ -1038,10 +954,12 @@ def mean_around_median_source(n: int, k: int, dtype, **form) -> str:
     `form` as `median_source` takes it."""
     network = _pair_or_new_loop(n, dtype, "mean_around_median", **form)
     ends = window_ends(n, k)
-    # The deviations' bits do not depend on the signs of zeros at the ends, given
-    # the median's: |(+-0) - m| is |m| for m != 0, else +0.
+    # No sign of a zero wire shows in the result, so the wires may come off order
+    # keys without `zero_sum_rewire`: the deviations |w - m| of the ends and of
+    # the rows are +0 for any zero w and m, |m| or |w| where one is not zero,
+    # and the sums are of the rows as loaded.
     needed = sorted({*ends, *middle_ranks(n)})
-    r = network.ranks(batcher_pairs(n), needed, middle_ranks(n))
+    r = network.network(batcher_pairs(n), needed, keyed=network.keyed)
 
     def around(loop, values):
         wire: list[str | None] = [None] * n
