@@ -151,20 +151,24 @@ def pair_loops(dtype, rule: str) -> bool:
     With AVX-512BW, alternated against the 16-column loops (session 23, Zen 4,
     `benchmarks/loop_forms.py`, (25 | 100, 1e5 | 1e6)): the median 0.60-0.80x
     the time (the Xeon: 0.81-0.88x); the trimmed mean 0.61-0.86x, but 1.15-1.26x
-    below 33 rows where most steps hold a -0 (redone by float exchanges), so on
-    AMD (the Xeon, whose 16-bit min and max run at half its float rate, has not
-    run it); the mean around the median 0.81-1.02x, 1.10-1.76x with signed
-    zeros, so never; its window (session 29, alternated in one process) 0.66-0.77x
-    at (25 | 32 | 40 | 100 | 128, 1e6), 0.75-0.99x with ALIE's equal rows or
-    small integers, 1.29-1.32x at 25 and 32 rows with a third of the columns
-    +0 and -0 at random, so on AMD, as the trimmed mean."""
+    below 33 rows where most steps hold a -0 (redone by float exchanges, before
+    `zero_sum_rewire`), so on AMD (the Xeon, whose 16-bit min and max run at
+    half its float rate, has not run it). Session 29, alternated in one process:
+    the window of the mean around the median 0.66-0.77x at (25 | 32 | 40 | 100 |
+    128, 1e6), 0.75-0.99x with ALIE's equal rows or small integers, 1.29-1.32x
+    at 25 and 32 rows with a third of the columns +0 and -0 at random; its
+    general form (2k < n, Bulyan's coordinate stage), without the check of its
+    median's sign it never needed, 0.74-0.88x at (15, k = 5 | 25, 12 | 52, 4;
+    1e6) on Gaussian rows, signed zeros and small integers (0.81-1.02x and
+    1.10-1.76x with signed zeros while it checked). So every rule on AMD.
+    """
     if dtype != jnp.bfloat16:
         return False
     if native_width() == 8:
         return True
     if "avx512bw" not in cpu_info().get("flags", "").split():
         return False
-    return rule == "median" or (rule in ("trimmed_mean", "window") and _amd())
+    return rule == "median" or _amd()
 
 
 @functools.cache
