@@ -431,7 +431,7 @@ BF16_ULP = 2.0**-7  # the result is rounded to bfloat16 (8 significant bits)
 
 
 @pytest.mark.parametrize(
-    "n,d", [(1, 5), (2, 8), (3, 9), (7, 2049), (25, 4103), (4, 2_000_003)]
+    "n,d", [(1, 5), (2, 8), (3, 9), (7, 2049), (25, 4123), (4, 2_000_003)]
 )
 @pytest.mark.parametrize(
     "mode", [_native.MEAN, _native.SIGN_MAJORITY, _native.SIGN_MAJORITY_ZERO_UP]
@@ -439,7 +439,9 @@ BF16_ULP = 2.0**-7  # the result is rounded to bfloat16 (8 significant bits)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_row_rule_kernel_matches_numpy(n, d, mode, dtype):
     # (4, 2e6 + 3): two threads, several 16,384-column blocks, a column tail;
-    # n = 7 and 25: passes of 4 rows and single rows.
+    # n = 7 and 25: passes of 8 rows (bfloat16's votes), 4 rows and single
+    # rows; 4,123 columns: 128 steps of 32 (bfloat16's votes), one of 16, one
+    # of 8 and a tail.
     xb, x64 = _row_inputs(n * 7 + d + mode, n, d, dtype)
     out = _jit(lambda x: _native.row_rule(x, mode))(xb)
     assert out.dtype == dtype and out.shape == (d,)
@@ -451,6 +453,24 @@ def test_row_rule_kernel_matches_numpy(n, d, mode, dtype):
         np.testing.assert_allclose(got, want, rtol=BF16_ULP, atol=1e-30)
     else:
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [_native.SIGN_MAJORITY, _native.SIGN_MAJORITY_ZERO_UP])
+def test_row_rule_votes_every_bfloat16_bit_pattern(mode):
+    # Each of the 65,536 bfloat16 patterns in a column of its own, beside four
+    # rows of +1 and four of -1 whose votes cancel: the column's sign is the
+    # pattern's own vote (0 for NaN of either sign), so a pattern at the ends of
+    # a range (0x0001, +-Inf, the first NaN of each sign, -0) voted wrongly
+    # flips its column. Mode 2 maps no votes to +1, so a fifth row of -1 there
+    # tells an up vote (-0's, +0's) from none.
+    patterns = np.arange(2**16, dtype=np.uint32) << 16
+    x = np.ones((9 if mode == _native.SIGN_MAJORITY else 10, 2**16), np.float32)
+    x[0] = patterns.view(np.float32)
+    x[5:] = -1.0
+    with np.errstate(invalid="ignore"):  # the signalling NaN patterns' casts
+        xb, x64 = jnp.asarray(x, jnp.bfloat16), x.astype(np.float64)
+    got = np.asarray(_jit(lambda x: _native.row_rule(x, mode))(xb), np.float64)
+    np.testing.assert_array_equal(got, _want_rows(x64, mode))
 
 
 def test_row_rule_rounds_bfloat16_to_nearest_even_like_xla():
