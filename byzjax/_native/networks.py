@@ -194,10 +194,12 @@ def keyed_exchanges(n: int, width: int, rule: str = "") -> bool:
     instruction) the median 21.2 against 41.3 ms. At 25 rows the median gained a
     little (3.15 against 3.61 ms at (25, 1e6) bfloat16, 3.6-4.0 against 3.8-4.0
     float32), the trimmed mean nothing, and the window mean lost while its
-    check covered every wire (now one compare of its mean and the column's
-    least value, `zero_sum_rewire`: alternated in one process, 0.86-0.97 the
-    time at (25 | 32, 1e5 | 1e6) on Gaussian rows, ALIE's and all-+0 columns,
-    1.04-1.54 with +0 and -0 at random in a third of the columns). Zen 3
+    check covered every wire. Now one compare of its mean and the column's
+    least value (`zero_sum_rewire`), alternated in one process (session 29):
+    at (32, 1e5 | 1e6) 0.89 the time, at (25, 1e5 | 1e6) 0.87-1.04 on Gaussian
+    rows (1.02-1.10 in `loop_forms.py`'s run), 0.86-0.90 with ALIE's rows,
+    0.78-0.97 with all-+0 columns, 1.04-1.54 with +0 and -0 at random in a
+    third of the columns: a little faster, so keys for the window too. Zen 3
     (AVX2, spill-bound above 32 rows), float32
     alternated with `ones @ x` (14.3 ms): at (100, 1e6) the median 31.0 against
     33.3 ms, the trimmed mean 36.1 against 40.2, mean around the median 48.5
