@@ -260,7 +260,7 @@ class _Loop:
     """Straight-line AVX2 (width 8) or AVX-512 (width 16) code over `width`
     columns: one C++ variable per value."""
 
-    NEGATIVE_ZERO = "(int)0x80000000"  # a lane's bits for -0 (`rewire`)
+    NEGATIVE_ZERO = "(int)0x80000000"  # a lane's bits for -0 (`zero_sum_rewire`)
 
     def __init__(
         self,
@@ -276,7 +276,7 @@ class _Loop:
         self.count = 0
         self.n, self.dtype, self.width = n, dtype, width
         self.keyed = keyed  # compare-exchanges on order keys: see `network`
-        self.helpers: list[str] = []  # functions the loop calls (`rewire`)
+        self.helpers: list[str] = []  # functions the loop calls (`cold`)
         self.prefix = {8: "_mm256", 16: "_mm512"}[width]
         self.vector = {8: "__m256", 16: "__m512"}[width]
         # This CPU's `streamed_loops` unless given; if not, `_blocked`'s.
@@ -363,16 +363,30 @@ class _Loop:
             return f"_mm256_movemask_ps({mask}) != 0"
         return f"{mask} != 0"
 
-    def rewire(self, zeros: str, values: list[str], make) -> list[str]:
-        """`values`, or `make()`'s where a column marked in `zeros` (a mask)
-        holds a -0 (`cold`)."""
+    def zero_sum_rewire(self, mean: str, by_selects, least: str | None = None) -> str:
+        """A mean of ranks off a network on order keys, or `by_selects()`'s (the
+        same mean off XLA's selects) where it is a zero in a column that holds a
+        -0. The keys put -0 below +0 where the selects keep equal
+        zeros in their wires' order; every wire holds the same value either way,
+        and a float sum is -0 only where every term is, so the two means differ
+        only where they are zeros. One compare a step, where a check of every
+        rank summed took one a rank. The trimmed mean of 25 and 32
+        rows on column pairs, alternated in one process: 0.87-1.06 the time on
+        Gaussian rows, 0.75-0.82 on small integers (-0 in a tenth of the
+        entries, so most steps with a zero rank were redone). `least`: the
+        column's least value, where the caller has it."""
+        zero = self.compare(mean, f"{self.prefix}_setzero_ps()", "_CMP_EQ_OQ")
+        if least is not None:
+            # A column without a -0 has no value below +0 in key order, so its
+            # least is +0 or above (all +0, as in a weight's gradient for an
+            # input that is always 0): no check there.
+            zero = self.both(zero, self.signed(least))
 
         def remade():
-            # A zero rank is the same zero either way unless its column holds
-            # both signs of zero: where it holds no -0, the keys' values stand.
-            # (The median of (100, 1e6) with half its columns +0 took 32.4 ms
-            # when every zero rank was remade, against 27.5 by float exchanges
-            # alone; with this test 33.3 against 38.2, in a slower stretch.)
+            # Where the column holds no -0, the keys' mean stands. (The median
+            # of (100, 1e6) with half its columns +0 took 32.4 ms when every
+            # zero rank was remade, against 27.5 by float exchanges alone; with
+            # this test 33.3 against 38.2, in a slower stretch.)
             negative = None
             for i in range(self.n):
                 bits = self.raw(i)
@@ -380,28 +394,9 @@ class _Loop:
                 negative = found if negative is None else self.either(negative, found)
             remake = self.any_of(self.both(negative, "mask"))
             self.lines.append(f"if (!({remake})) return false;")
-            return make()
+            return [by_selects()]
 
-        return self.cold(zeros, values, remade)
-
-    def zero_sum_rewire(self, mean: str, by_selects, least: str | None = None) -> str:
-        """A mean of ranks off a network on order keys, or `by_selects()`'s (the
-        same mean off XLA's selects) where it is a zero in a column that holds a
-        -0 (`rewire`). The keys put -0 below +0 where the selects keep equal
-        zeros in their wires' order; every wire holds the same value either way,
-        and a float sum is -0 only where every term is, so the two means differ
-        only where they are zeros. One compare a step, where a check of every
-        rank summed took one a rank. The trimmed mean of 25 and 32
-        rows on column pairs, alternated in one process: 0.87-1.06 the time on
-        Gaussian rows, 0.75-0.82 on small integers (-0 in a tenth of the
-        entries, so most steps with a zero rank were redone)."""
-        zero = self.compare(mean, f"{self.prefix}_setzero_ps()", "_CMP_EQ_OQ")
-        if least is not None:
-            # With the column's least value at hand: a column without a -0 has
-            # no value below +0 in key order, so its least is +0 or above (all
-            # +0, as in a weight's gradient for an input that is always 0).
-            zero = self.both(zero, self.signed(least))
-        (mean,) = self.rewire(zero, [mean], lambda: [by_selects()])
+        (mean,) = self.cold(zero, [mean], remade)
         return mean
 
     def cold(
@@ -848,28 +843,15 @@ def median_source(n: int, dtype, **form) -> str:
     loop's `width`, `keyed`, `paired` and `streamed` (`_pair_or_new_loop`), this
     CPU's where not given."""
     loop = _pair_or_new_loop(n, dtype, "median", **form)
-    ranks, pairs = middle_ranks(n), batcher_pairs(n)
-    ordered = _ordered(n, dtype)
-    r = loop.network(pairs, ranks, ordered=ordered, keyed=loop.keyed)
+    ranks = middle_ranks(n)
 
-    def median(f, values, signed):
+    def median(f, values):
         wires: list[str | None] = [None] * n
         for i, v in zip(ranks, values, strict=True):
             wires[i] = v
-        m = f.median(wires)
-        if not signed:
-            return m
+        return f.median(wires)
 
-        def by_selects():
-            w = f.network(pairs, ranks, wire=f.load)
-            return median(f, [w[i] for i in ranks], False)
-
-        return f.zero_sum_rewire(m, by_selects)
-
-    signed = loop.keyed and not ordered
-    return loop.source(
-        loop.in_floats(lambda f, v: median(f, v, signed), [r[i] for i in ranks])
-    )
+    return _settled_source(loop, batcher_pairs(n), ranks, _ordered(n, dtype), median)
 
 
 def _ordered(n: int, dtype) -> bool:
@@ -888,25 +870,42 @@ def trimmed_mean_source(n: int, b: int, dtype, **form) -> str:
     311 against 350 ns per 16 columns in float32, 283 against 435 in bfloat16.
     `form` as `median_source` takes it."""
     loop = _pair_or_new_loop(n, dtype, "trimmed_mean", **form)
-    middle = range(b, n - b)
-    pairs = partition_pairs(n, (b, n - b))
-    ordered = n > FULL_NETWORK_MAX_N
-    r = loop.network(pairs, middle, ordered=ordered, keyed=loop.keyed)
 
-    def trimmed(f, wires, signed):
-        mean = f.mean(f.sum_tree(wires), n - 2 * b)
+    def trimmed(f, middle):
+        return f.mean(f.sum_tree(middle), n - 2 * b)
+
+    pairs = partition_pairs(n, (b, n - b))
+    return _settled_source(
+        loop, pairs, range(b, n - b), n > FULL_NETWORK_MAX_N, trimmed
+    )
+
+
+def _settled_source(loop: _Loop, pairs, needed, ordered: bool, make) -> str:
+    """The source of `loop` over `pairs` for the `needed` ranks (on order keys
+    where the loop takes them: `keyed_exchanges`, `_PairLoop`), then `make(f,
+    values)`, a mean of those ranks, on each float loop f (`in_floats`), the
+    values in `needed`'s order. Where the keys order zeros otherwise than XLA's
+    network does (not `ordered`: its selects), a step whose mean is a zero in a
+    column holding a -0 runs again by selects (`zero_sum_rewire`, filtered by
+    rank 0 where it is needed)."""
+    needed = list(needed)
+    r = loop.network(pairs, needed, ordered=ordered, keyed=loop.keyed)
+
+    def made(f, values, signed):
+        mean = make(f, values)
         if not signed:
             return mean
 
         def by_selects():
-            w = f.network(pairs, middle, wire=f.load)
-            return trimmed(f, [w[i] for i in middle], False)
+            w = f.network(pairs, needed, wire=f.load)
+            return made(f, [w[i] for i in needed], False)
 
-        return f.zero_sum_rewire(mean, by_selects)
+        least = values[needed.index(0)] if 0 in needed else None
+        return f.zero_sum_rewire(mean, by_selects, least=least)
 
     signed = loop.keyed and not ordered
     return loop.source(
-        loop.in_floats(lambda f, w: trimmed(f, w, signed), [r[i] for i in middle])
+        loop.in_floats(lambda f, v: made(f, v, signed), [r[i] for i in needed])
     )
 
 
@@ -1055,7 +1054,7 @@ def window_mean_source(
     `ranked_rows` has it; `width`, `keyed`, `paired` and `streamed` as
     `_pair_or_new_loop` takes them (on AMD: float32 on order keys,
     `keyed_exchanges`, and bfloat16 on column pairs, `pair_loops`; where keys
-    put zeros otherwise than XLA's selects, below 33 rows, `zero_sum_rewire`
+    put zeros otherwise than XLA's selects, below 33 rows, `_settled_source`
     settles the signs of zero means).
 
     Above 32 rows, and for bfloat16 rows, it replaces the general loop
@@ -1066,11 +1065,8 @@ def window_mean_source(
     no cost here); bfloat16 20.9 against 26.2 ms (ALIE 25.1 against 28.7), at
     (25, 1e6) 3.67 against 4.32 (3.91 against 5.34), before its column pairs."""
     loop = _pair_or_new_loop(n, dtype, "window", width, keyed, paired, streamed)
-    pairs = partition_pairs(n, window_cuts(n, k))
-    ordered = n > FULL_NETWORK_MAX_N
-    r = loop.network(pairs, range(n), ordered=ordered, keyed=loop.keyed)
 
-    def window_mean(f, r, signed):
+    def window_mean(f, r):
         m = f.median(r)
         zero = f"{f.prefix}_setzero_ps()"
         ends, ties = [], f.value(zero)
@@ -1101,16 +1097,10 @@ def window_mean_source(
             return [f.select("mask", mean, rows)]
 
         (mean,) = f.cold(unsure, [mean], settled, [mean, m, *window])
-        if not signed:
-            return mean
+        return mean
 
-        def by_selects():
-            return window_mean(f, f.network(pairs, range(n), wire=f.load), False)
-
-        return f.zero_sum_rewire(mean, by_selects, least=r[0])
-
-    signed = loop.keyed and not ordered
-    return loop.source(loop.in_floats(lambda f, r: window_mean(f, r, signed), r))
+    pairs = partition_pairs(n, window_cuts(n, k))
+    return _settled_source(loop, pairs, range(n), n > FULL_NETWORK_MAX_N, window_mean)
 
 
 @functools.cache
