@@ -282,10 +282,11 @@ class _Loop:
         # This CPU's `streamed_loops` unless given; if not, `_blocked`'s.
         self.streamed = streamed_loops(n, width) if streamed is None else streamed
         self.blocked = not self.streamed and _blocked(n, width)
-        # The step's first column, the values' names and +Inf's: another for the
-        # float loops over the halves of a `_PairLoop`'s step (`in_floats`).
+        # The step's first column, the values' names, +Inf's and row {i}'s load
+        # from column {k}: the float loops over the halves of a `_PairLoop`'s
+        # step have their own names, +Inf and loads (`_half`).
         self.column, self.tag, self.inf = "k", "v", "inf"
-        self.load_form = _LOAD[dtype, width]  # row {i}'s values from column {k}
+        self.load_form = _LOAD[dtype, width]
 
     def value(self, expr: str, kind: str | None = None) -> str:
         name = f"{self.tag}{self.count}"
@@ -681,10 +682,10 @@ class _PairLoop(_Loop):
     """bfloat16 rows on 16-bit order keys (`pair_loops`), two columns in each
     32-bit lane of the float loops of `half` columns a step (8: AVX2, 16:
     AVX-512BW), so half their instructions per column; what follows the network
-    on the step's two halves widened to float32. Keys put -0 below +0 (XLA's
-    min/max networks, above `SELECT_MAX_N`); for its selects below, the steps
-    with a zero result in a column that holds a -0 run again by the float loop's
-    exchanges on each half (`zero_sum_rewire`).
+    on the step's even and odd columns widened to float32 (`_widened`). Keys put
+    -0 below +0 (XLA's min/max networks, above `SELECT_MAX_N`); for its selects
+    below, the steps with a zero result in a column that holds a -0 run again by
+    the float loop's exchanges on each half (`zero_sum_rewire`).
 
     On the 2-core Xeon (family 6 model 167), alternated with the 16-column
     loop: the median of (25, 1e6) 1.45-1.49 against 1.69-1.71 ms (the read of
