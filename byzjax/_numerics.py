@@ -96,6 +96,28 @@ def patch_if(pred: jax.Array, fix, value: jax.Array, *operands) -> jax.Array:
     return _patch_if(fix, pred, value, *operands)
 
 
+def materialized(values: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """values written out for their consumers, in a value-only form (a while loop
+    cannot be transposed): the carry of a `lax.while_loop` that runs no trip (one
+    where the first entry of values[0] is NaN, which changes nothing). XLA:CPU
+    removes `lax.optimization_barrier` before it fuses, duplicates a network into
+    each consumer, and hoists a carry its loop's body leaves as it is (and then
+    the loop): the body's select, which it cannot see through, keeps the carry
+    in. A reduction (`_sorting.written`) did not do: its fusion recomputed the
+    network for every row."""
+    if values[0].size == 0:
+        return values
+    trips = jnp.isnan(values[0].ravel()[0]).astype(jnp.int32)
+
+    def body(carry):
+        i, *vs = carry
+        keep = i >= 0
+        return (i + 1, *[jnp.where(keep, v, -v) for v in vs])
+
+    _, *out = lax.while_loop(lambda c: c[0] < trips, body, (jnp.int32(0), *values))
+    return tuple(out)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _patch_if(fix, pred, value, *operands):
     def body(carry):
@@ -946,6 +968,11 @@ def _window_mean(x: jax.Array, k: int) -> jax.Array:
     return jnp.where((ties > 0) | ~jnp.isfinite(m), jnp.nan, total / k)
 
 
+# The most rows for which XLA:CPU's one loop over the network and the pass over
+# the rows stays fast (`_mean_around_own_median`).
+_FUSED_PASS_MAX_N = 104
+
+
 def _mean_around_own_median(x: jax.Array, k: int) -> jax.Array:
     """`coordinate_mean_around(x, coordinate_median(x), k)` with the median m and
     the k-th smallest deviation delta off one network (`window_ends`), as the CPU
@@ -969,9 +996,16 @@ def _mean_around_own_median(x: jax.Array, k: int) -> jax.Array:
             for a in range(n - k + 1)
         ],
     )
-    # The network's outputs materialised for the pass over the rows, which
-    # would otherwise fuse its own copy of the network.
-    m, delta = lax.optimization_barrier((m, delta))
+    # XLA:CPU compiles the network, delta and the pass over the rows to one loop
+    # (it removes the barrier). Above 104 rows that loop recomputes the network
+    # for their uses (kernels off, (n, 2e4) float32: 2.3 ms at n = 100, 2.5 at
+    # 104, 4.6 at 108, 26 at 110, 33 at 112, 1,083 at 128), so there m and delta
+    # are written out first (5.6, 5.8, 5.8, 5.5, 6.6 and 7.2 ms; at (128, 1e5)
+    # 30 ms against 6.3 s).
+    if n > _FUSED_PASS_MAX_N:
+        m, delta = materialized((m, delta))
+    else:
+        m, delta = lax.optimization_barrier((m, delta))
     rows = promoted_rows(x)
     return _mean_within(rows, _deviations(rows, m), delta, k)
 

@@ -439,6 +439,28 @@ def test_mean_around_median_above_32_rows_finds_every_window(k, dtype, stored):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [104, 112])
+def test_mean_around_median_xla_form_above_104_rows_writes_its_median_out(n):
+    # Above 104 rows the XLA form writes m and delta out before the pass over the
+    # rows (`materialized`: a while loop XLA keeps), which at 128 rows otherwise
+    # recomputed the network for their uses, in one loop. Against the float64
+    # oracle, with ALIE's equal rows (ties at the k-th deviation) and a NaN row.
+    k = n - (n // 4 - 1)
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 300))
+    x[: n - k] = x.mean(0) + 1.5 * x.std(0)
+    x[-1] = np.nan
+    x = jnp.asarray(x, jnp.float32)
+    fn = jax.jit(lambda x: nm._mean_around_own_median(x, k))
+    # XLA keeps the loop (one whose body leaves its carry as it is, it removes).
+    compiled = fn.lower(x).compile().as_text()
+    assert ("while" in compiled) == (n > nm._FUSED_PASS_MAX_N)
+    want = reference.mean_around_median(np.asarray(x, np.float64), keep=k)
+    np.testing.assert_allclose(
+        np.asarray(fn(x), np.float64), want, rtol=1e-5, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 25])
 def test_row_sum_and_norms(n):
     rng = np.random.default_rng(n)
