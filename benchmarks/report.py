@@ -555,9 +555,12 @@ def render_machine(agg, byzfl, train, ablations, vmapped, loop_forms) -> list[st
             "input's bytes (`read ms`): `column pairs`, bfloat16 rows two columns "
             "to a 32-bit lane on 16-bit order keys (`networks.pair_loops`); `order "
             "keys`, float32 networks on integer keys (`networks.keyed_exchanges`). "
-            "`taken here`: the form this CPU runs. Inputs: Gaussian rows; half the "
+            "`taken here`: the form this CPU runs. The mean around the median's "
+            "loop is its window (k = n - f, 2k >= n) in the lines from session 29 "
+            "on, its general form before. Inputs: Gaussian rows; half the "
             "columns +0 (`zeros`); those with a -0 in every 64th column (`signed "
-            "zeros`, where a step is redone by float exchanges). Commands:",
+            "zeros`, where a step whose result is a zero is redone by float "
+            "exchanges). Commands:",
             "",
         ]
         lines += _commands(loop_forms)
