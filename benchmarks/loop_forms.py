@@ -31,13 +31,9 @@ from _common import alternate, command, emit, hardware  # noqa: E402
 from byzjax._allocator import reexec_tuned  # noqa: E402
 
 RULES = ("median", "trimmed_mean", "mean_around_median")
-# The loop each rule runs at these f (`pair_loops` names them so): the mean
-# around the median's window, as 2k >= n.
-LOOPS = {
-    "median": "median",
-    "trimmed_mean": "trimmed_mean",
-    "mean_around_median": "window",
-}
+# The loops whose names (`pair_loops`, `keyed_exchanges`) are not their rules':
+# at these f the mean around the median runs its window, as 2k >= n.
+LOOPS = {"mean_around_median": "window"}
 
 
 def sources(rule: str, n: int, dtype, **form) -> str:
@@ -66,11 +62,14 @@ def choices(n: int):
                     rule,
                     {"paired": True},
                     {"paired": False},
-                    networks.pair_loops(jnp.bfloat16, LOOPS[rule]),
+                    networks.pair_loops(jnp.bfloat16, LOOPS.get(rule, rule)),
                 )
             )
     for rule in RULES:
-        if LOOPS[rule] in ("median", "window") or n > networks.FULL_NETWORK_MAX_N:
+        if (
+            LOOPS.get(rule, rule) in ("median", "window")
+            or n > networks.FULL_NETWORK_MAX_N
+        ):
             out.append(
                 (
                     "order keys",
@@ -78,7 +77,9 @@ def choices(n: int):
                     rule,
                     {"keyed": True},
                     {"keyed": False},
-                    networks.keyed_exchanges(n, networks.native_width(), LOOPS[rule]),
+                    networks.keyed_exchanges(
+                        n, networks.native_width(), LOOPS.get(rule, rule)
+                    ),
                 )
             )
     for dtype in (jnp.float32, jnp.bfloat16):

@@ -1191,6 +1191,19 @@ void add_rows(float* acc, const T* const* rows, int64_t len) {
   }
 }
 
+// Rows i, i + 1, ... of x, columns k0 to k0 + len, added to the sums R rows a
+// pass (`add_rows`) while R are left; returns the first row not added.
+template <typename T, int Mode, int R>
+int64_t add_passes(float* acc, const T* x, int64_t n, int64_t d, int64_t k0,
+                   int64_t len, int64_t i) {
+  for (; i + R <= n; i += R) {
+    const T* rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = x + (i + r) * d + k0;
+    add_rows<T, Mode, R>(acc, rows, len);
+  }
+  return i;
+}
+
 template <typename T, int Mode>
 void rows_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out) {
   // 16,384 columns: each row is read in long runs that the prefetchers stream
@@ -1208,21 +1221,10 @@ void rows_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out
       // alternated processes: at (25 | 100, 1e5) 0.75 and 0.60-0.66 the time
       // (`votes32` 4 rows a pass: 0.79-0.84 and 0.67-0.79), at (25 | 100, 1e6)
       // 0.73-0.76 and 0.84-0.90 (0.76-0.89 and 0.89-0.97).
-      for (; i + 8 <= n; i += 8) {
-        const T* rows[8];
-        for (int r = 0; r < 8; ++r) rows[r] = x + (i + r) * d + k0;
-        add_rows<T, Mode, 8>(acc.data(), rows, len);
-      }
+      i = add_passes<T, Mode, 8>(acc.data(), x, n, d, k0, len, i);
     }
-    for (; i + 4 <= n; i += 4) {
-      const T* rows[4] = {x + i * d + k0, x + (i + 1) * d + k0,
-                          x + (i + 2) * d + k0, x + (i + 3) * d + k0};
-      add_rows<T, Mode, 4>(acc.data(), rows, len);
-    }
-    for (; i < n; ++i) {
-      const T* row[1] = {x + i * d + k0};
-      add_rows<T, Mode, 1>(acc.data(), row, len);
-    }
+    i = add_passes<T, Mode, 4>(acc.data(), x, n, d, k0, len, i);
+    add_passes<T, Mode, 1>(acc.data(), x, n, d, k0, len, i);
     for (int64_t k = 0; k < len; k += 8) {
       v8 v = finish<Mode>(block_sums<Mode>(&acc[k]), static_cast<float>(n));
       store_out(v, std::min<int64_t>(8, len - k), out + k0 + k);
@@ -1303,16 +1305,8 @@ void moments_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi,
   for (int64_t k0 = lo; k0 < hi; k0 += block) {
     const int64_t len = std::min(hi, k0 + block) - k0;
     std::fill(acc.begin(), acc.end(), 0.0f);
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-      const T* rows[4] = {x + i * d + k0, x + (i + 1) * d + k0,
-                          x + (i + 2) * d + k0, x + (i + 3) * d + k0};
-      add_rows<T, 0, 4>(acc.data(), rows, len);
-    }
-    for (; i < n; ++i) {
-      const T* row[1] = {x + i * d + k0};
-      add_rows<T, 0, 1>(acc.data(), row, len);
-    }
+    int64_t i = add_passes<T, 0, 4>(acc.data(), x, n, d, k0, len, 0);
+    add_passes<T, 0, 1>(acc.data(), x, n, d, k0, len, i);
     const float count = static_cast<float>(n);
     for (int64_t k = 0; k < len; ++k) mu[k] = acc[k] / count;
     std::fill(mu.begin() + len, mu.end(), 0.0f);
