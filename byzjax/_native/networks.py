@@ -69,13 +69,21 @@ _PREFETCH_BYTES = 512
 # of the rows took 30-34 ms at (100, 2^20) float32 against 20 ms row after row,
 # and the median's loop 45-55 ms. So the loop runs over column blocks of
 # `_BLOCK_BYTES` per row; while it works on one block, it prefetches the next
-# one into L2, each row's part of it whole, a share of the rows per step. The
+# one into L2, row by row, a share of its lines per step (`_Loop._share`). The
 # memory then sees a few sequential streams at a time: the plain sum took 21.5
 # ms, the median's loop 28-34 ms (2 KB blocks no better, 4 KB worse; the
 # prefetch two blocks ahead no better). Each row is also prefetched into L1 one
 # step ahead: from L2 its loads stalled the loop (about 1,600 against 1,050
 # cycles per 16 columns from L1), and 512 bytes ahead is more than L1 holds for
 # 100 rows. `/tmp` programs on the 2-core Xeon (family 6 model 207), two threads.
+# The step's prefetches into L2 go one beside each row's first load, spread
+# through the step (session 30, the 2-core Xeon of model 167). Issued in a burst
+# at the step's start, they held the network up: in L2 the median of 100 rows
+# took 325 ns per 16 columns on one core, with the burst's reads of (100, 1e6)
+# 667, a plain sum with the same reads 458 (`/tmp` programs). Spread, alternated
+# in one process at (100, 1e6): float32's median, trimmed mean and window 0.81-0.82
+# the time, bfloat16's median 0.75, its trimmed mean and window 0.92-0.93; the
+# median of (128, 1e6) 0.83, of (33, 1e6) 0.93, of (100, 1e5) 0.84.
 _BLOCK_BYTES = 1024
 # On AMD Zen 4 above 32 rows the loops run without blocks (`streamed_loops`):
 # each row is prefetched into L2 `_STREAM_BYTES` ahead of the step and into L1
@@ -287,6 +295,7 @@ class _Loop:
         # step have their own names, +Inf and loads (`_half`).
         self.column, self.tag, self.inf = "k", "v", "inf"
         self.load_form = _LOAD[dtype, width]
+        self.sites = 0  # rows loaded so far in the step (`row`)
 
     def value(self, expr: str, kind: str | None = None) -> str:
         name = f"{self.tag}{self.count}"
@@ -308,11 +317,32 @@ class _Loop:
                 f"_mm_prefetch((const char*)rows[{i}] + k * {itemsize} + "
                 f"{_STREAM_BYTES}, _MM_HINT_T1);"
             )
+        if self.blocked and self.sites < self._share():
+            self.lines.append(self._next_block_line(self.sites))
+        self.sites += 1
         self.lines.append(
             f"_mm_prefetch((const char*)rows[{i}] + k * {itemsize} + "
             f"{ahead}, _MM_HINT_T0);"
         )
         return self.load(i)
+
+    def _share(self) -> int:
+        """The lines of the next column block a step prefetches into L2: its n
+        rows' lines over the block's steps."""
+        steps = _BLOCK_BYTES // (jnp.dtype(self.dtype).itemsize * self.width)
+        return -(-self.n * (_BLOCK_BYTES // 64) // steps)
+
+    def _next_block_line(self, j: int) -> str:
+        """The prefetch of the step's j-th line of the next block (`_share`), the
+        block's lines taken row by row; the last step's spare ones (where the
+        share was rounded up) repeat its last line."""
+        line = f"g + {j}"
+        if self._share() * _BLOCK_BYTES // 64 != self.n * (_BLOCK_BYTES // 64):
+            line = f"({line} < kLines * kRows ? {line} : kLines * kRows - 1)"
+        address = (
+            f"(const char*)rows[({line}) / kLines] + next + 64 * (({line}) % kLines)"
+        )
+        return f"_mm_prefetch({address}, _MM_HINT_T1);"
 
     def load(self, i: int) -> str:
         """Row i's values, NaN as +Inf (read again: from L1 after `row`)."""
@@ -644,7 +674,9 @@ class _Loop:
 
     def source(self, out) -> str:
         indent = "\n" + " " * (6 if self.blocked else 4)
-        step = indent.join([*self.lines, *self.stores(out)])
+        spare = range(self.sites, self._share() if self.blocked else 0)
+        prefetches = [self._next_block_line(j) for j in spare]
+        step = indent.join([*self.lines, *prefetches, *self.stores(out)])
         itemsize = jnp.dtype(self.dtype).itemsize
         if not self.blocked:
             loop = f"""for (int64_t k = lo; k < hi; k += kWidth) {{
@@ -652,18 +684,15 @@ class _Loop:
   }}"""
         else:
             loop = f"""constexpr int64_t kBlock = {_BLOCK_BYTES // itemsize};  // cols
-  constexpr int64_t kSteps = kBlock / kWidth, kRows = {self.n};
+  // A row's lines in a block, the rows.
+  constexpr uint64_t kLines = {_BLOCK_BYTES // 64}, kRows = {self.n};
   for (int64_t k0 = lo; k0 < hi; k0 += kBlock) {{
     const int64_t end = k0 + kBlock < hi ? k0 + kBlock : hi;
-    for (int64_t k = k0, s = 0; k < end; k += kWidth, ++s) {{
-      // Step s's share of the rows: their parts of the next block, whole.
-      for (int64_t i = s * kRows / kSteps; i < (s + 1) * kRows / kSteps; ++i) {{
-        const char* next = (const char*)rows[i] + (k0 + kBlock) * {itemsize};
-#pragma GCC unroll 16
-        for (int l = 0; l < {_BLOCK_BYTES // 64}; ++l) {{
-          _mm_prefetch(next + 64 * l, _MM_HINT_T1);
-        }}
-      }}
+    // The next block's offset in a row, and the first of the step's lines of
+    // it (`_share` a step, row by row).
+    const int64_t next = (k0 + kBlock) * {itemsize};
+    uint64_t g = 0;
+    for (int64_t k = k0; k < end; k += kWidth, g += {self._share()}) {{
       {step}
     }}
   }}"""
