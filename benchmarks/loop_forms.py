@@ -62,7 +62,7 @@ def choices(n: int):
                     rule,
                     {"paired": True},
                     {"paired": False},
-                    networks.pair_loops(jnp.bfloat16, LOOPS.get(rule, rule)),
+                    networks.pair_loops(jnp.bfloat16, LOOPS.get(rule, rule), n),
                 )
             )
     for rule in RULES:

@@ -148,9 +148,9 @@ def native_width() -> int:
 
 
 @functools.cache
-def pair_loops(dtype, rule: str) -> bool:
+def pair_loops(dtype, rule: str, n: int) -> bool:
     """Whether the loops of `rule` ("median", "trimmed_mean", "window" or
-    "mean_around_median") over `dtype` rows take two columns in each 32-bit lane
+    "mean_around_median") over n `dtype` rows take two columns in each 32-bit lane
     of the float loops, on 16-bit order keys (`_PairLoop`): bfloat16, 16 columns a
     step with AVX2's 16-bit min and max (the median, the trimmed mean and the
     general mean around the median measured faster on the Zen 3), 32 with
@@ -169,6 +169,15 @@ def pair_loops(dtype, rule: str) -> bool:
     median's sign it never needed, 0.74-0.88x at (15, k = 5 | 25, 12 | 52, 4;
     1e6) on Gaussian rows, signed zeros and small integers (0.81-1.02x and
     1.10-1.76x with signed zeros while it checked). So every rule on AMD.
+
+    The Xeon of model 167 (session 30, alternated in one process, with the
+    blocks' prefetches spread through the step): the general form 0.91-0.93x
+    at (15, k = 5 | 40, 10 | 52, 4; 1e6); above 32 rows the trimmed mean
+    0.79-0.83x at (100 | 128, 1e6), 0.93x at 33 rows, the window 0.89x at 100,
+    0.94-0.96x at 33 and 40; up to 32 rows, where they check their zeros, the
+    trimmed mean 0.93-0.98x and the window 0.93-0.96x on Gaussian rows, but
+    1.08-1.25x with signed zeros (`loop_forms.py`). So there the median and the
+    general form at every n, the others above 32 rows.
     """
     if dtype != jnp.bfloat16:
         return False
@@ -176,7 +185,8 @@ def pair_loops(dtype, rule: str) -> bool:
         return True
     if "avx512bw" not in cpu_info().get("flags", "").split():
         return False
-    return rule == "median" or _amd()
+    unchecked = rule in ("median", "mean_around_median") or n > FULL_NETWORK_MAX_N
+    return unchecked or _amd()
 
 
 @functools.cache
@@ -863,7 +873,7 @@ def _pair_or_new_loop(
     """A loop for `rule` on bfloat16 column pairs (`_PairLoop`, the float loops'
     `width` each half) where `paired`, this CPU's `pair_loops` unless given; else
     `_new_loop`'s. The source functions' `form` is these keywords."""
-    if pair_loops(dtype, rule) if paired is None else paired:
+    if pair_loops(dtype, rule, n) if paired is None else paired:
         return _PairLoop(n, width or native_width(), streamed)
     return _new_loop(n, dtype, width, keyed, rule, streamed)
 
