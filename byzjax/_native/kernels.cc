@@ -1215,12 +1215,17 @@ void rows_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out
     const int64_t len = std::min(hi, k0 + kBlock) - k0;
     std::fill(acc.begin(), acc.end(), 0.0f);  // 0.0f and int32 0: the same bits
     int64_t i = 0;
-    if constexpr (Mode != 0 && std::is_same_v<T, uint16_t>) {
-      // bfloat16's votes (`votes32`) 8 rows a pass: half the passes over the
-      // sums. Against the votes of rows widened to float32, 4 rows a pass, in
-      // alternated processes: at (25 | 100, 1e5) 0.75 and 0.60-0.66 the time
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      // bfloat16 rows 8 a pass: half the passes over the sums, where each pass
+      // reads half the bytes of float32's. The votes (`votes32`), against the
+      // votes of rows widened to float32, 4 rows a pass, in alternated
+      // processes (AMD Zen 4): at (25 | 100, 1e5) 0.75 and 0.60-0.66 the time
       // (`votes32` 4 rows a pass: 0.79-0.84 and 0.67-0.79), at (25 | 100, 1e6)
-      // 0.73-0.76 and 0.84-0.90 (0.76-0.89 and 0.89-0.97).
+      // 0.73-0.76 and 0.84-0.90 (0.76-0.89 and 0.89-0.97). The mean, against 4
+      // rows a pass, alternated processes on the Xeon of model 167 (session 30):
+      // at (25, 1e6) 1.29-1.34 reads of its bytes against 1.46-1.56, at (100,
+      // 1e6) 0.93-0.97 the time, at (25, 1e5) 0.88-0.94; on the Zen 4 (session
+      // 29) 0.64-1.05 over 8 pairs of processes, 4 of them above 1.
       i = add_passes<T, Mode, 8>(acc.data(), x, n, d, k0, len, i);
     }
     i = add_passes<T, Mode, 4>(acc.data(), x, n, d, k0, len, i);
