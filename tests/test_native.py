@@ -901,6 +901,41 @@ def test_loops_streamed_or_blocked_give_the_same_bits(n, d, dtype):
         np.testing.assert_array_equal(bits[0], bits[1], err_msg=name)
 
 
+@pytest.mark.parametrize("n", [33, 65, 100])
+@pytest.mark.parametrize(
+    "dtype,width,paired",
+    [(jnp.float32, 16, False), (jnp.float32, 8, False), (jnp.bfloat16, 16, False)]
+    + [(jnp.bfloat16, 16, True), (jnp.bfloat16, 8, True)],
+)
+def test_blocked_loops_prefetch_every_line_of_the_next_block(n, dtype, width, paired):
+    # A blocked loop's steps prefetch the next column block into L2, their
+    # share of its lines each, beside the rows' first loads (`_Loop._share`):
+    # over a block's steps every line of every row, each row index in range
+    # (the pointer load would read past `rows` otherwise). The slots g + j of
+    # the source, evaluated as the loop runs them, step by step.
+    import re
+
+    from byzjax._native import networks
+
+    source = networks.median_source(
+        n, dtype, width=width, paired=paired, streamed=False
+    )
+    lines = networks._BLOCK_BYTES // 64
+    steps = networks._BLOCK_BYTES // (jnp.dtype(dtype).itemsize * width)
+    steps //= 2 if paired else 1  # a pair loop's step is twice the width
+    share = int(re.search(r"g \+= (\d+)\)", source).group(1))
+    prefetches = [line for line in source.splitlines() if "_MM_HINT_T1" in line]
+    slots = [int(re.search(r"rows\[\(+g \+ (\d+)", p).group(1)) for p in prefetches]
+    assert slots == list(range(share))
+    clamped = "kLines * kRows - 1" in prefetches[0]
+    seen = []
+    for step in range(steps):
+        for j in range(share):
+            line = step * share + j
+            seen.append(min(line, lines * n - 1) if clamped else line)
+    assert max(seen) < lines * n and set(seen) == set(range(lines * n))
+
+
 @pytest.mark.parametrize("width", [8, 16])
 @pytest.mark.parametrize("n,d", [*NETWORK_SHAPES, (34, 37), (65, 555)])
 def test_bfloat16_loops_on_column_pairs_give_the_xla_bits(n, d, width):

@@ -336,18 +336,21 @@ class _Loop:
         )
         return self.load(i)
 
+    def _block_steps(self) -> int:
+        """The steps over a column block (`_BLOCK_BYTES` of each row)."""
+        return _BLOCK_BYTES // (jnp.dtype(self.dtype).itemsize * self.width)
+
     def _share(self) -> int:
         """The lines of the next column block a step prefetches into L2: its n
         rows' lines over the block's steps."""
-        steps = _BLOCK_BYTES // (jnp.dtype(self.dtype).itemsize * self.width)
-        return -(-self.n * (_BLOCK_BYTES // 64) // steps)
+        return -(-self.n * (_BLOCK_BYTES // 64) // self._block_steps())
 
     def _next_block_line(self, j: int) -> str:
         """The prefetch of the step's j-th line of the next block (`_share`), the
         block's lines taken row by row; the last step's spare ones (where the
         share was rounded up) repeat its last line."""
         line = f"g + {j}"
-        if self._share() * _BLOCK_BYTES // 64 != self.n * (_BLOCK_BYTES // 64):
+        if self._share() * self._block_steps() > self.n * (_BLOCK_BYTES // 64):
             line = f"({line} < kLines * kRows ? {line} : kLines * kRows - 1)"
         address = (
             f"(const char*)rows[({line}) / kLines] + next + 64 * (({line}) % kLines)"
@@ -694,7 +697,7 @@ class _Loop:
   }}"""
         else:
             loop = f"""constexpr int64_t kBlock = {_BLOCK_BYTES // itemsize};  // cols
-  // A row's lines in a block, the rows.
+  // Cache lines per row in a block, and the rows.
   constexpr uint64_t kLines = {_BLOCK_BYTES // 64}, kRows = {self.n};
   for (int64_t k0 = lo; k0 < hi; k0 += kBlock) {{
     const int64_t end = k0 + kBlock < hi ? k0 + kBlock : hi;
