@@ -176,7 +176,7 @@ def pair_loops(dtype, rule: str, n: int) -> bool:
     0.79-0.83x at (100 | 128, 1e6), 0.93x at 33 rows, the window 0.89x at 100,
     0.94-0.96x at 33 and 40; up to 32 rows, where they check their zeros, the
     trimmed mean 0.93-0.98x and the window 0.93-0.96x on Gaussian rows, but
-    1.08-1.25x with signed zeros (`loop_forms.py`). So there the median and the
+    1.07-1.32x with signed zeros (`loop_forms.py`). So there the median and the
     general form at every n, the others above 32 rows.
     """
     if dtype != jnp.bfloat16:
