@@ -920,7 +920,7 @@ def test_blocked_loops_prefetch_every_line_of_the_next_block(n, dtype, width, pa
     source = networks.median_source(
         n, dtype, width=width, paired=paired, streamed=False
     )
-    lines = networks._BLOCK_BYTES // 64
+    lines = networks._BLOCK_LINES
     steps = networks._BLOCK_BYTES // (jnp.dtype(dtype).itemsize * width)
     steps //= 2 if paired else 1  # a pair loop's step is twice the width
     share = int(re.search(r"g \+= (\d+)\)", source).group(1))

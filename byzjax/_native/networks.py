@@ -85,6 +85,7 @@ _PREFETCH_BYTES = 512
 # the time, bfloat16's median 0.75, its trimmed mean and window 0.92-0.93; the
 # median of (128, 1e6) 0.83, of (33, 1e6) 0.93, of (100, 1e5) 0.84.
 _BLOCK_BYTES = 1024
+_BLOCK_LINES = _BLOCK_BYTES // 64  # cache lines of a row in a block
 # On AMD Zen 4 above 32 rows the loops run without blocks (`streamed_loops`):
 # each row is prefetched into L2 `_STREAM_BYTES` ahead of the step and into L1
 # one step ahead, both where the row is first loaded, so the prefetches are
@@ -185,6 +186,8 @@ def pair_loops(dtype, rule: str, n: int) -> bool:
         return True
     if "avx512bw" not in cpu_info().get("flags", "").split():
         return False
+    # The loops that never check their zeros: these two rules', and every loop
+    # above 32 rows (min/max networks, whose zeros the keys order alike).
     unchecked = rule in ("median", "mean_around_median") or n > FULL_NETWORK_MAX_N
     return unchecked or _amd()
 
@@ -343,14 +346,14 @@ class _Loop:
     def _share(self) -> int:
         """The lines of the next column block a step prefetches into L2: its n
         rows' lines over the block's steps."""
-        return -(-self.n * (_BLOCK_BYTES // 64) // self._block_steps())
+        return -(-self.n * _BLOCK_LINES // self._block_steps())
 
     def _next_block_line(self, j: int) -> str:
         """The prefetch of the step's j-th line of the next block (`_share`), the
         block's lines taken row by row; the last step's spare ones (where the
         share was rounded up) repeat its last line."""
         line = f"g + {j}"
-        if self._share() * self._block_steps() > self.n * (_BLOCK_BYTES // 64):
+        if self._share() * self._block_steps() > self.n * _BLOCK_LINES:
             line = f"({line} < kLines * kRows ? {line} : kLines * kRows - 1)"
         address = (
             f"(const char*)rows[({line}) / kLines] + next + 64 * (({line}) % kLines)"
@@ -698,7 +701,7 @@ class _Loop:
         else:
             loop = f"""constexpr int64_t kBlock = {_BLOCK_BYTES // itemsize};  // cols
   // Cache lines per row in a block, and the rows.
-  constexpr uint64_t kLines = {_BLOCK_BYTES // 64}, kRows = {self.n};
+  constexpr uint64_t kLines = {_BLOCK_LINES}, kRows = {self.n};
   for (int64_t k0 = lo; k0 < hi; k0 += kBlock) {{
     const int64_t end = k0 + kBlock < hi ? k0 + kBlock : hi;
     // The next block's offset in a row, and the first of the step's lines of
