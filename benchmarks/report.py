@@ -3,6 +3,9 @@
   python benchmarks/report.py                 # writes docs/benchmarks.md
   python benchmarks/report.py --out -         # prints it
 
+Beside the page it draws each machine's targets (`figure`, matplotlib: the `bench`
+extra), one PNG per machine that the page shows above its targets table.
+
 The results files are appended to by every run; the report keeps the latest line of
 each (kind, name, n, d, dtype) per CPU model, and renders one section per CPU (the
 most recently measured first) with the commands and hardware of those lines: the
@@ -285,9 +288,10 @@ def ablation_table(rows) -> list[str]:
     return out + [""]
 
 
-def targets(agg, byzfl, train) -> list[str]:
-    """Which of the issue's targets hold in these numbers."""
-    out = ["| target | shape | holds | detail |", "|---|---|---|---|"]
+def floor_targets(agg) -> list[tuple[dict, float, bool]]:
+    """The read-floor targets' records: (record, fraction of the floor (1 = at
+    it), whether alternated with the floor)."""
+    out = []
     for r in agg:
         if (
             r["kind"] == "rule"
@@ -297,35 +301,48 @@ def targets(agg, byzfl, train) -> list[str]:
         ):
             # Alternated with the floor call by call where recorded (drift-proof).
             frac = r.get("paired_floor_fraction", r["floor_fraction"])
-            how = " (alternated)" if "paired_floor_fraction" in r else ""
-            out.append(
-                f"| `{r['name']}` within 1.5x of the read floor | "
-                f"({r['n']}, {r['d']:.0e}) {r['dtype']} | "
-                f"{'yes' if frac >= 1 / 1.5 else 'no'} | "
-                f"{1 / frac:.2f}x the floor{how} |"
-            )
+            out.append((r, frac, "paired_floor_fraction" in r))
+    return out
+
+
+def byzfl_verdict(r: dict) -> tuple[str, str]:
+    """`yes`, `bound` or `no` for the 10x-faster-than-ByzFL target, and the
+    bound's detail."""
+    # Where ByzFL takes less than 10x the passes over the input that the rule
+    # cannot do without (`min_reads`, one by default), 10x faster than ByzFL
+    # would beat that many reads: the target is then bounded by the floor, and
+    # the detail says how far from the floor byzjax is.
+    if r["ratio"] >= 10:
+        return "yes", ""
+    floor = r.get("floor_s")
+    reads = min_reads(r)
+    if floor is not None and r["byzfl_s"] < 10 * reads * floor:
+        fma = " (its multiply-adds)" if reads > MIN_READS.get(r["name"], 1) else ""
+        return "bound", (
+            f" (ByzFL takes {r['byzfl_s'] / floor:.1f} reads of the input, the "
+            f"rule needs {reads:.3g}{fma}; byzjax {r['byzjax_s'] / floor:.1f})"
+        )
+    return "no", ""
+
+
+def byzfl_targets(byzfl) -> list[dict]:
+    """The records of the 10x-faster-than-ByzFL target (not the training loops)."""
+    return [r for r in byzfl if r.get("kind") != "train" and "ratio" in r]
+
+
+def targets(agg, byzfl, train) -> list[str]:
+    """Which of the issue's targets hold in these numbers."""
+    out = ["| target | shape | holds | detail |", "|---|---|---|---|"]
+    for r, frac, alternated in floor_targets(agg):
+        out.append(
+            f"| `{r['name']}` within 1.5x of the read floor | "
+            f"({r['n']}, {r['d']:.0e}) {r['dtype']} | "
+            f"{'yes' if frac >= 1 / 1.5 else 'no'} | "
+            f"{1 / frac:.2f}x the floor{' (alternated)' if alternated else ''} |"
+        )
     out += device_targets(agg)
-    for r in byzfl:
-        if r.get("kind") == "train" or "ratio" not in r:
-            continue
-        # Where ByzFL takes less than 10x the passes over the input that the rule
-        # cannot do without (`min_reads`, one by default), 10x faster than ByzFL
-        # would beat that many reads: the target is then bounded by the floor, and
-        # the detail says how far from the floor byzjax is.
-        floor = r.get("floor_s")
-        reads = min_reads(r)
-        bound = floor is not None and r["byzfl_s"] < 10 * reads * floor
-        if r["ratio"] >= 10:
-            verdict, note = "yes", ""
-        elif bound:
-            verdict = "bound"
-            fma = " (its multiply-adds)" if reads > MIN_READS.get(r["name"], 1) else ""
-            note = (
-                f" (ByzFL takes {r['byzfl_s'] / floor:.1f} reads of the input, the "
-                f"rule needs {reads:.3g}{fma}; byzjax {r['byzjax_s'] / floor:.1f})"
-            )
-        else:
-            verdict, note = "no", ""
+    for r in byzfl_targets(byzfl):
+        verdict, note = byzfl_verdict(r)
         out.append(
             f"| `{r['name']}` >= 10x faster than ByzFL | ({r['n']}, {r['d']:.0e}), "
             f"malloc {_malloc(r)} | {verdict} | {r['ratio']:.1f}x{note} |"
@@ -390,7 +407,10 @@ def _machines(*files) -> list[str]:
     return sorted(last, key=last.get, reverse=True)
 
 
-def render() -> str:
+def sections() -> list[tuple[str, list[list[dict]]]]:
+    """Each machine, the most recently measured first, with its records of each
+    results file (aggregators, byzfl, train_step, ablations, vmapped, loop_forms:
+    `render_machine`'s arguments)."""
     files = [
         load(n)
         for n in (
@@ -402,7 +422,14 @@ def render() -> str:
             "loop_forms.jsonl",
         )
     ]
-    machines = _machines(*files)
+    return [
+        (cpu, [[r for r in rows if machine(r) == cpu] for rows in files])
+        for cpu in _machines(*files)
+    ]
+
+
+def render() -> str:
+    machines = sections()
     lines = [
         "<!-- generated by benchmarks/report.py from benchmarks/results/ -->",
         "# Benchmarks",
@@ -410,7 +437,7 @@ def render() -> str:
         "One section per machine the benchmarks ran on, the most recent first: "
         "every ratio is read against the floor and the ByzFL run of its own "
         "machine. Machines: "
-        + ", ".join(f"[{cpu}](#{_anchor(cpu)})" for cpu in machines)
+        + ", ".join(f"[{cpu}](#{_anchor(cpu)})" for cpu, _ in machines)
         + ".",
         "",
         "Method (benchmarks/_common.py): inputs are arguments of the jitted function "
@@ -424,11 +451,94 @@ def render() -> str:
         "(`compiled.memory_analysis()`).",
         "",
     ]
-    for cpu in machines:
-        lines += render_machine(
-            *([r for r in rows if machine(r) == cpu] for rows in files)
-        )
+    for _, rows in machines:
+        lines += render_machine(*rows)
     return "\n".join(lines)
+
+
+def figure_file(cpu: str) -> str:
+    """The file of a machine's targets figure, beside benchmarks.md."""
+    return f"benchmarks-{_anchor(cpu)}.png"
+
+
+def figured(rows: list[list[dict]]) -> tuple[list[dict], list[dict]] | None:
+    """The records of a machine's figure (its kernels' aggregator records and its
+    ByzFL records), from its records of each results file (`sections`); None
+    where it has no targets to draw."""
+    agg, byzfl = [r for r in rows[0] if not _xla_on_cpu(r)], rows[1]
+    return (agg, byzfl) if floor_targets(agg) or byzfl_targets(byzfl) else None
+
+
+def figure(agg, byzfl, path: str) -> None:
+    """A machine's targets as bars: each read-floor rule's time over the floor
+    (the 1.5x target dashed), and ByzFL's time over byzjax's, tuned malloc, on a
+    log scale (the 10x target dashed; `bound` targets hatched)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [2, 5]}
+    )
+    floor = floor_targets(agg)
+    # float32 first, then by n.
+    cases = sorted(
+        {(r["dtype"], r["n"]) for r, _, _ in floor},
+        key=lambda c: (c[0] != "float32", c[1]),
+    )
+    _bars(
+        left,
+        FLOOR_RULES,
+        cases,
+        {(r["dtype"], r["n"], r["name"]): (1 / frac, "") for r, frac, _ in floor},
+        lambda case: f"{case[0]}, n = {case[1]}",
+    )
+    left.axhline(1.0, color="grey", lw=0.8)
+    left.axhline(1.5, color="k", ls="--", lw=1, label="target: 1.5x")
+    left.set_ylabel("time / read floor, d = 1e6")
+    left.legend(fontsize=7)
+    versus = [r for r in byzfl_targets(byzfl) if _malloc(r) == "tuned"]
+    names = list(dict.fromkeys(r["name"] for r in versus))
+    ns = sorted({(r["n"],) for r in versus})
+    _bars(
+        right,
+        names,
+        ns,
+        {(r["n"], r["name"]): (r["ratio"], byzfl_verdict(r)[0]) for r in versus},
+        lambda case: f"n = {case[0]}, d = 1e6",
+    )
+    right.set_yscale("log")
+    right.axhline(10, color="k", ls="--", lw=1, label="target: 10x")
+    right.set_ylabel("ByzFL time / byzjax time (tuned malloc)")
+    handles, labels = right.get_legend_handles_labels()
+    bound = Patch(facecolor="white", edgecolor="k", hatch="//")
+    right.legend([*handles, bound], [*labels, "bound by the floor"], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _bars(ax, names, cases, values, label) -> None:
+    """Grouped bars: one group per name, one bar per case; `values[(*case, name)]`
+    is (height, verdict), a `bound` verdict hatched."""
+    width = 0.8 / max(len(cases), 1)
+    for i, case in enumerate(cases):
+        offset = (i - (len(cases) - 1) / 2) * width
+        shown = [name for name in names if (*case, name) in values]
+        for name in shown:
+            height, verdict = values[(*case, name)]
+            ax.bar(
+                names.index(name) + offset,
+                height,
+                width,
+                color=f"C{i}",
+                hatch="//" if verdict == "bound" else None,
+                edgecolor="k" if verdict == "bound" else None,
+                label=label(case) if name == shown[0] else None,
+            )
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
 
 
 def _anchor(title: str) -> str:
@@ -482,6 +592,16 @@ def render_machine(agg, byzfl, train, ablations, vmapped, loop_forms) -> list[st
         "input of half the device's memory (`aggregators.py --memory`).",
         "",
     ]
+    if figured([agg, byzfl]):
+        lines += [
+            f"![The targets on {machine(any_row)}]({figure_file(machine(any_row))})",
+            "",
+            "Left: the read-floor rules' time over the floor at d = 1e6 (the "
+            "table's figures). Right: ByzFL's time over byzjax's under the tuned "
+            "malloc, log scale; hatched where the target is `bound`, no bar where "
+            "ByzFL has no time (the table below says why).",
+            "",
+        ]
     lines += targets(agg, byzfl, train)
     lines += [
         "### Aggregators, pre-aggregators (before `mean`) and attacks",
@@ -580,6 +700,11 @@ def main(argv=None) -> None:
         with open(args.out, "w") as f:
             f.write(text)
         print(f"wrote {args.out}", file=sys.stderr)
+        for cpu, rows in sections():
+            if drawn := figured(rows):
+                path = os.path.join(os.path.dirname(args.out), figure_file(cpu))
+                figure(*drawn, path)
+                print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ ByzFL's side (`compare_byzfl.py`) needs torch in a venv of its own and is not ru
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -50,6 +51,29 @@ def test_report_renders_the_committed_page():
     # `python benchmarks/report.py` (or a hand edit of the page) fails here.
     with open(os.path.join(ROOT, "docs", "benchmarks.md")) as f:
         assert _report().render() == f.read()
+
+
+def test_every_figure_the_page_shows_is_there():
+    with open(os.path.join(ROOT, "docs", "benchmarks.md")) as f:
+        images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", f.read())
+    report = _report()
+    drawn = [cpu for cpu, rows in report.sections() if report.figured(rows)]
+    assert drawn and images == [report.figure_file(cpu) for cpu in drawn]
+    for image in images:
+        assert os.path.getsize(os.path.join(ROOT, "docs", image)) > 10_000
+
+
+def test_figure_draws_the_targets(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = _report()
+    path = tmp_path / "targets.png"
+    report.figure(
+        [_floor_rule("median", 1 / 1.3), _floor_rule("median", 1 / 1.8, n=25)],
+        [_byzfl("median", 0.01, 1.0, 0.01), _byzfl("mean", 0.01, 0.03, 0.01)],
+        str(path),
+    )
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def _floor_rule(name, fraction, n=100, dtype="float32"):
