@@ -186,6 +186,42 @@ def test_aggregators_script_writes_a_record_per_case(tmp_path):
     assert "paired_floor_fraction" not in by_name["krum"]
 
 
+def test_device_path_runs_here_and_reports_the_device_targets(tmp_path):
+    # The prepared GPU command's path (benchmarks/README.md), on the CPU: the
+    # copy and Gram floors beside every rule, then every rule once on a given
+    # input size. A device session has minutes; a break found there costs them.
+    records = _run(
+        "aggregators.py",
+        *("--n", "100", "--d", "2000", "--dtype", "float32", "--repeats", "1"),
+        *("--kinds", "rule", "pre", "--rules", "median", "krum", "nnm"),
+        *("--device-floors", "--memory", "--memory-bytes", "2e6"),
+        tmp_path=tmp_path,
+    )
+    floors = {r["name"]: r for r in records if r["kind"] == "floor"}
+    assert set(floors) == {"read", "copy", "gram"}
+    timed = {r["name"]: r for r in records if r["kind"] in ("rule", "pre")}
+    memory = {r["name"]: r for r in records if r["kind"] == "memory"}
+    assert set(timed) == set(memory) == {"median", "krum", "nnm"}
+    for r in timed.values():
+        assert "error" not in r, r
+        assert r["copy_fraction"] == pytest.approx(
+            floors["copy"]["seconds"] / (2 * r["seconds"])
+        )
+        assert r["gram_ratio"] == pytest.approx(
+            r["seconds"] / floors["gram"]["seconds"]
+        )
+    for r in memory.values():
+        assert r["ok"], r
+        assert (r["n"], r["d"], r["input_bytes"]) == (100, 5000, 2_000_000)
+    rows = _report().device_targets(records)
+    targets = [row.split(" | ")[0] for row in rows]
+    assert targets.count("| `median` at >= 60% of the copy bandwidth") == 1
+    assert "| `krum` within 2x of the Gram matrix" in targets
+    assert "| `nnm` within 2x of the Gram matrix" in targets
+    assert sum("compiles in under 5 s" in t for t in targets) == 3
+    assert sum("half the device's memory" in t for t in targets) == 3
+
+
 def test_train_step_script_writes_steps_per_second(tmp_path):
     records = _run(
         "train_step.py",
