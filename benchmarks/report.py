@@ -461,11 +461,10 @@ def figure_file(cpu: str) -> str:
     return f"benchmarks-{_anchor(cpu)}.png"
 
 
-def figured(rows: list[list[dict]]) -> tuple[list[dict], list[dict]] | None:
+def figured(agg, byzfl) -> tuple[list[dict], list[dict]] | None:
     """The records of a machine's figure (its kernels' aggregator records and its
-    ByzFL records), from its records of each results file (`sections`); None
-    where it has no targets to draw."""
-    agg, byzfl = [r for r in rows[0] if not _xla_on_cpu(r)], rows[1]
+    ByzFL records); None where it has no targets to draw."""
+    agg = [r for r in agg if not _xla_on_cpu(r)]
     return (agg, byzfl) if floor_targets(agg) or byzfl_targets(byzfl) else None
 
 
@@ -594,7 +593,7 @@ def render_machine(agg, byzfl, train, ablations, vmapped, loop_forms) -> list[st
         "input of half the device's memory (`aggregators.py --memory`).",
         "",
     ]
-    if figured([agg, byzfl]):
+    if figured(agg, byzfl):
         lines += [
             f"![The targets on {machine(any_row)}]({figure_file(machine(any_row))})",
             "",
@@ -702,8 +701,8 @@ def main(argv=None) -> None:
         with open(args.out, "w") as f:
             f.write(text)
         print(f"wrote {args.out}", file=sys.stderr)
-        for cpu, rows in sections():
-            if drawn := figured(rows):
+        for cpu, (agg, byzfl, *_) in sections():
+            if drawn := figured(agg, byzfl):
                 path = os.path.join(os.path.dirname(args.out), figure_file(cpu))
                 figure(*drawn, path)
                 print(f"wrote {path}", file=sys.stderr)
