@@ -316,6 +316,79 @@ def test_kernels_differentiate_like_their_formulas():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def _want_mix(x, w, scale):
+    # 0 * Inf and Inf - Inf are NaN, as in the kernel's float32 sums.
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (scale * (w.astype(np.float64) @ _wide(x))).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "m,n,d",
+    # Output-row remainders of the 5-row (AVX-512) and 3-row (AVX2) tiles, column
+    # tails of the 80- and 24-column chunks, w wider or narrower than tall, and
+    # two threads over 64-byte aligned rows (the streaming stores, d = 4,000) or
+    # unaligned ones (d = 4,001).
+    [(1, 1, 1), (1, 3, 7), (4, 4, 81), (7, 5, 100), (13, 13, 2053), (3, 9, 50)]
+    + [(25, 25, 4000), (25, 25, 4001), (26, 26, 30011)],
+)
+@pytest.mark.parametrize("bad", [0, 3])
+@X_DTYPES
+def test_mix_kernel_matches_numpy(m, n, d, bad, dtype):
+    # NNM's product: ones in w, the weight applied to the sums. Byzantine rows of
+    # NaN and +-Inf (1e38 rows overflow float32 sums, as XLA's product does).
+    rng = np.random.default_rng(m * n + d + bad)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    for r in range(min(bad, n)):
+        x[rng.integers(n)] = BAD[r % 3]
+    x = x.astype(dtype)
+    w = (rng.random((m, n)) < 0.7).astype(np.float32)
+    got = np.asarray(_jit(lambda x, w: _native.mix_rows(x, w, 0.25))(x, w))
+    assert got.dtype == np.float32 and got.shape == (m, d)
+    np.testing.assert_allclose(got, _want_mix(x, w, 0.25), rtol=1e-5, atol=1e-5)
+    # General weights, the scale left at one.
+    w = rng.normal(size=(m, n)).astype(np.float32)
+    got = np.asarray(_jit(_native.mix_rows)(x, w))
+    np.testing.assert_allclose(got, _want_mix(x, w, 1.0), rtol=1e-5, atol=1e-4)
+    # Cleaned rows (NNM's rows at a non-finite distance, and one finite row):
+    # their non-finite entries count as zeros, the other rows' as they are.
+    clean = ~np.isfinite(_wide(x)).all(axis=1)
+    clean[0] = True
+    got = _jit(lambda x, w, clean: _native.mix_rows(x, w, 0.5, clean))(x, w, clean)
+    got = np.asarray(got)
+    cleaned = np.where(clean[:, None] & ~np.isfinite(_wide(x)), 0.0, _wide(x))
+    np.testing.assert_allclose(got, _want_mix(cleaned, w, 0.5), rtol=1e-5, atol=1e-4)
+    assert np.isfinite(got).all()
+
+
+def test_mix_kernel_vmaps_and_differentiates():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 3, 6, 41)).astype(np.float32)
+    w = rng.normal(size=(2, 3, 4, 6)).astype(np.float32)
+    got = jax.jit(jax.vmap(jax.vmap(lambda x, w: _native.mix_rows(x, w, 0.5))))(x, w)
+    np.testing.assert_allclose(got, 0.5 * (w @ x), rtol=1e-5, atol=1e-5)
+    # Forward and reverse mode against the plain product; a non-finite entry of x
+    # gives w no derivative.
+    x, w = x[0, 0], w[0, 0]
+    t, dw = rng.normal(size=x.shape), rng.normal(size=w.shape)
+    t, dw = t.astype(np.float32), dw.astype(np.float32)
+    out, dout = jax.jvp(lambda x, w: _native.mix_rows(x, w, 0.5), (x, w), (t, dw))
+    np.testing.assert_allclose(dout, 0.5 * (dw @ x + w @ t), rtol=1e-5, atol=1e-5)
+    cot = rng.normal(size=out.shape).astype(np.float32)
+    gx, gw = jax.grad(lambda x, w: (_native.mix_rows(x, w, 0.5) * cot).sum(), (0, 1))(
+        x, w
+    )
+    np.testing.assert_allclose(gx, 0.5 * w.T @ cot, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw, 0.5 * cot @ x.T, rtol=1e-5, atol=1e-5)
+    x[2, 5] = np.nan
+    gw = jax.grad(lambda w: _native.mix_rows(x, w).sum())(w)
+    assert np.isfinite(gw).all()
+    # A cleaned row's non-finite entry has no derivative either.
+    clean = np.arange(6) == 2
+    gx = jax.grad(lambda x: _native.mix_rows(x, w, 1.0, clean).sum())(x)
+    assert gx[2, 5] == 0 and np.isfinite(gx).all()
+    np.testing.assert_allclose(gx[3], w[:, 3].sum(), rtol=1e-5)
+
+
 def _want_gram(x64, c):
     y = x64 if c is None else x64 - c.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -640,6 +713,8 @@ def test_distance_kernels_want_float32_operands_besides_x():
         _native.step_sq_dists(xb, z, w.astype(jnp.bfloat16))
     with pytest.raises(TypeError, match="x must be float32 or bfloat16"):
         _native.pairwise_sq_dists(xb.astype(jnp.float16))
+    with pytest.raises(TypeError, match="w must be float32"):
+        _native.mix_rows(xb, jnp.ones((2, 6), jnp.bfloat16))
 
 
 def test_bfloat16_kernels_make_no_float32_copy():
@@ -661,6 +736,7 @@ def test_bfloat16_kernels_make_no_float32_copy():
             x, jnp.zeros(d, jnp.float32), jnp.full(n, 1.0 / n, jnp.float32)
         ),
         "gram": lambda x: _native.gram(x, jnp.zeros(d, jnp.float32)),
+        "mix": lambda x: _native.mix_rows(x, jnp.ones((n, n), jnp.float32)),
     }
     for name, fn in calls.items():
         assert temp_bytes(fn) < size, name

@@ -9,7 +9,9 @@ matrix and hence no cancellation, on every core the process may use; a
 reweighting step (`step_sq_dists`: a weighted sum of the rows, then every row's
 distance to it) in one read of x instead of two; and the Gram matrix of the rows
 around a centre (`gram`), for the geometric median's steps on it, with a bound on
-its rounding (`gram_error`). Their JVP rules give a non-finite entry no derivative.
+its rounding (`gram_error`); and NNM's product of a mixing matrix with the rows
+(`mix_rows`), with the rows it must clean cleaned as they are read, streaming its
+output to memory. Their JVP rules give a non-finite entry no derivative.
 
 The shared library is compiled with the system C++ compiler the first time a rule
 asks for it (about 25 s on the 2-core Xeon; processes that need it at once wait
@@ -65,12 +67,14 @@ _TARGETS = {
     "byzjax_row_moments": "ByzjaxRowMoments",
     "byzjax_step_sq_dists": "ByzjaxStepSqDists",
     "byzjax_gram": "ByzjaxGram",
+    "byzjax_mix_rows": "ByzjaxMixRows",
     "byzjax_pairwise_sq_dists_bf16": "ByzjaxPairwiseSqDistsBf16",
     "byzjax_row_sq_dists_bf16": "ByzjaxRowSqDistsBf16",
     "byzjax_row_sq_norms_bf16": "ByzjaxRowSqNormsBf16",
     "byzjax_row_moments_bf16": "ByzjaxRowMomentsBf16",
     "byzjax_step_sq_dists_bf16": "ByzjaxStepSqDistsBf16",
     "byzjax_gram_bf16": "ByzjaxGramBf16",
+    "byzjax_mix_rows_bf16": "ByzjaxMixRowsBf16",
     "byzjax_bf16_rows": "ByzjaxBf16Rows",
     "byzjax_f32_rows": "ByzjaxF32Rows",
     "byzjax_network": "ByzjaxNetwork",
@@ -309,6 +313,38 @@ def _gram_jvp(primals, tangents):
     p = jnp.einsum("...id,...jd->...ij", dy, _finite(y), precision=hi)
     dq = 2.0 * jnp.einsum("...nd,...nd->...n", _finite(x), dx, precision=hi)
     return (g, q), (p + jnp.swapaxes(p, -1, -2), dq)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def mix_rows(
+    x: jax.Array, w: jax.Array, scale: float = 1.0, clean: jax.Array | None = None
+) -> jax.Array:
+    """scale * (w @ x) for a (..., n, d) float32 or bfloat16 x and a (..., m, n)
+    float32 w, (..., m, d) float32: each output row a weighted sum of the rows
+    (NNM's mixing), summed over j in order in float32, times the static `scale`.
+    Rows j with clean[j] (a (..., n) bool, default none) count their non-finite
+    entries as zeros; elsewhere NaN/Inf flow as in a product (0 * Inf is NaN)."""
+    target = _distance_target("mix_rows", x, w=w)
+    if clean is None:
+        clean = jnp.zeros(x.shape[:-1], bool)
+    out = jax.ShapeDtypeStruct(w.shape[:-1] + x.shape[-1:], jnp.float32)
+    call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
+    return call(x, w, clean.astype(jnp.int32), scale=np.float32(scale))
+
+
+@mix_rows.defjvp
+def _mix_jvp(scale, primals, tangents):
+    # d(s w c(x)) = s (dw c(x) + w c'(dx)), c zeroing the cleaned rows' non-finite
+    # entries (and their tangents): linear in the tangents, as products XLA can
+    # transpose (reverse mode); any non-finite entry gives dw no derivative.
+    (x, w, clean), (dx, dw, _) = primals, tangents
+    hi = lax.Precision.HIGHEST
+    out = mix_rows(x, w, scale, clean)
+    x, dx = x.astype(jnp.float32), dx.astype(jnp.float32)
+    if clean is not None:
+        dx = jnp.where(clean[..., None] & ~jnp.isfinite(x), 0.0, dx)
+    dout = jnp.matmul(dw, _finite(x), precision=hi) + jnp.matmul(w, dx, precision=hi)
+    return out, scale * dout
 
 
 # Modes of `row_rule`: which rule it computes.
