@@ -1271,7 +1271,7 @@ ffi::Error RowRuleImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
 // over it, and the next chunk's lines are prefetched; where the output rows are
 // aligned to a vector, it is written with non-temporal stores, so its lines are
 // not read before they are written (session 32, the 2-core Xeon of model 167,
-// (25 | 100, 1e6) on two threads: float32 6.2-6.9 | 67-76 ms against XLA's
+// (25 | 100, 1e6) on two threads: float32 6.2-7.8 | 67-81 ms against XLA's
 // product's 10.4-10.5 | 76-83, bfloat16 5.9-6.2 | 83 against 10.5-11.1 | 69;
 // `/tmp` programs, float32: 6 x 4 tiles 6.0-7.5 | 74-77 ms with the streaming
 // stores against 8.5-8.8 | 112-117 without; 5 x 5 5.8-7.1 | 72-73, 6 x 2
