@@ -324,12 +324,12 @@ def _want_mix(x, w, scale):
 
 @pytest.mark.parametrize(
     "m,n,d",
-    # Output-row remainders of the 5-row (AVX-512) and 3-row (AVX2) tiles, column
-    # tails of the 80- and 24-column chunks, w wider or narrower than tall, and
-    # two threads over 64-byte aligned rows (the streaming stores, d = 4,000) or
-    # unaligned ones (d = 4,001).
+    # Every output-row remainder of the 6-row (AVX-512) and 3-row (AVX2) tiles,
+    # column tails of the 64- and 24-column chunks and one whole chunk, w wider or
+    # narrower than tall, and two threads over 64-byte aligned rows (the
+    # streaming stores, d = 4,000) or unaligned ones (d = 4,001).
     [(1, 1, 1), (1, 3, 7), (4, 4, 81), (7, 5, 100), (13, 13, 2053), (3, 9, 50)]
-    + [(25, 25, 4000), (25, 25, 4001), (26, 26, 30011)],
+    + [(11, 8, 130), (12, 12, 64), (25, 25, 4000), (25, 25, 4001), (26, 26, 30011)],
 )
 @pytest.mark.parametrize("bad", [0, 3])
 @X_DTYPES
