@@ -268,6 +268,26 @@ def test_bucketing_shuffle_follows_the_documented_key_schedule():
     assert len(set(seen)) == 3, "a fresh permutation every step"
 
 
+@pytest.mark.parametrize("n,s", [(11, 2), (25, 2), (40, 3), (7, 4)])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_bucketing_written_form_matches_its_means(n, s, dtype):
+    # A rule that reads its rows from memory gets bucketing's written form (on
+    # the CPU kernels one sparse mixing pass): the same means as its fused form,
+    # the same key schedule, and a non-finite row spoils its own bucket alone.
+    x = np.random.default_rng(n + s).normal(size=(n, 1000)).astype(np.float32)
+    x[2] = np.nan
+    x[5, 7] = np.inf
+    x = jnp.asarray(x).astype(dtype)
+    pre = aggregators.get_pre("bucketing")(1, s=s, seed=3)
+    state = pre.init(x)
+    wide, wide_state = jax.jit(pre.wide_update)(x, state, ())
+    written, written_state = jax.jit(pre.written_update)(x, state, ())
+    assert written.dtype == wide.dtype == jnp.float32
+    np.testing.assert_array_equal(written_state, wide_state)
+    np.testing.assert_allclose(written, wide, rtol=1e-6, atol=1e-6)
+    assert 1 <= (~np.isfinite(np.asarray(written))).any(axis=1).sum() <= 2
+
+
 def test_centered_clipping_carries_its_centre():
     n, f, d = 9, 2, 6
     agg = aggregators.build("centered_clipping", f=f, tau=0.7, iterations=2)

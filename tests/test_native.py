@@ -316,10 +316,16 @@ def test_kernels_differentiate_like_their_formulas():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def _want_mix(x, w, scale):
-    # 0 * Inf and Inf - Inf are NaN, as in the kernel's float32 sums.
+def _want_mix(x, w, scale, sparse=False):
+    # 0 * Inf and Inf - Inf are NaN, as in the kernel's float32 sums; sparse: a
+    # row of weight 0 adds nothing.
+    x = _wide(x)
+    out = np.zeros((w.shape[0], x.shape[1]))
     with np.errstate(invalid="ignore", over="ignore"):
-        return (scale * (w.astype(np.float64) @ _wide(x))).astype(np.float32)
+        for i, row in enumerate(w.astype(np.float64)):
+            used = row != 0 if sparse else slice(None)
+            out[i] = scale * (row[used] @ x[used])
+    return out.astype(np.float32)
 
 
 @pytest.mark.parametrize(
@@ -334,17 +340,22 @@ def _want_mix(x, w, scale):
 @pytest.mark.parametrize("bad", [0, 3])
 @X_DTYPES
 def test_mix_kernel_matches_numpy(m, n, d, bad, dtype):
-    # NNM's product: ones in w, the weight applied to the sums. Byzantine rows of
-    # NaN and +-Inf (1e38 rows overflow float32 sums, as XLA's product does).
+    # NNM's product: ones in w, the weight applied to the sums; sparse, as
+    # bucketing's means, where Byzantine rows of NaN and +-Inf spoil only the
+    # output rows that weigh them (1e38 rows overflow float32 sums, as XLA's
+    # product does).
     rng = np.random.default_rng(m * n + d + bad)
     x = rng.normal(size=(n, d)).astype(np.float32)
     for r in range(min(bad, n)):
         x[rng.integers(n)] = BAD[r % 3]
     x = x.astype(dtype)
-    w = (rng.random((m, n)) < 0.7).astype(np.float32)
-    got = np.asarray(_jit(lambda x, w: _native.mix_rows(x, w, 0.25))(x, w))
-    assert got.dtype == np.float32 and got.shape == (m, d)
-    np.testing.assert_allclose(got, _want_mix(x, w, 0.25), rtol=1e-5, atol=1e-5)
+    for sparse, density in [(False, 0.7), (True, 0.7), (True, 0.1)]:
+        w = (rng.random((m, n)) < density).astype(np.float32)
+        mix = _jit(lambda x, w, s=sparse: _native.mix_rows(x, w, 0.25, None, s))
+        got = np.asarray(mix(x, w))
+        assert got.dtype == np.float32 and got.shape == (m, d)
+        want = _want_mix(x, w, 0.25, sparse)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # General weights, the scale left at one.
     w = rng.normal(size=(m, n)).astype(np.float32)
     got = np.asarray(_jit(_native.mix_rows)(x, w))

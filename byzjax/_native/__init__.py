@@ -315,31 +315,43 @@ def _gram_jvp(primals, tangents):
     return (g, q), (p + jnp.swapaxes(p, -1, -2), dq)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 4))
 def mix_rows(
-    x: jax.Array, w: jax.Array, scale: float = 1.0, clean: jax.Array | None = None
+    x: jax.Array,
+    w: jax.Array,
+    scale: float = 1.0,
+    clean: jax.Array | None = None,
+    sparse: bool = False,
 ) -> jax.Array:
     """scale * (w @ x) for a (..., n, d) float32 or bfloat16 x and a (..., m, n)
     float32 w, (..., m, d) float32: each output row a weighted sum of the rows
-    (NNM's mixing), summed over j in order in float32, times the static `scale`.
-    Rows j with clean[j] (a (..., n) bool, default none) count their non-finite
-    entries as zeros; elsewhere NaN/Inf flow as in a product (0 * Inf is NaN)."""
+    (NNM's mixing), summed over j in order in float32, times the static `scale`;
+    NaN/Inf flow as in a product (0 * Inf is NaN). `sparse` (static): a row of
+    weight 0 adds nothing, even if it is not finite (bucketing's means; one
+    output row at a time, for few weights a row). Rows j with clean[j] (a
+    (..., n) bool, default none) count their non-finite entries as zeros."""
     target = _distance_target("mix_rows", x, w=w)
     if clean is None:
         clean = jnp.zeros(x.shape[:-1], bool)
     out = jax.ShapeDtypeStruct(w.shape[:-1] + x.shape[-1:], jnp.float32)
     call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
-    return call(x, w, clean.astype(jnp.int32), scale=np.float32(scale))
+    return call(
+        x,
+        w,
+        clean.astype(jnp.int32),
+        scale=np.float32(scale),
+        sparse=np.int32(sparse),
+    )
 
 
 @mix_rows.defjvp
-def _mix_jvp(scale, primals, tangents):
+def _mix_jvp(scale, sparse, primals, tangents):
     # d(s w c(x)) = s (dw c(x) + w c'(dx)), c zeroing the cleaned rows' non-finite
     # entries (and their tangents): linear in the tangents, as products XLA can
     # transpose (reverse mode); any non-finite entry gives dw no derivative.
     (x, w, clean), (dx, dw, _) = primals, tangents
     hi = lax.Precision.HIGHEST
-    out = mix_rows(x, w, scale, clean)
+    out = mix_rows(x, w, scale, clean, sparse)
     x, dx = x.astype(jnp.float32), dx.astype(jnp.float32)
     if clean is not None:
         dx = jnp.where(clean[..., None] & ~jnp.isfinite(x), 0.0, dx)

@@ -1260,11 +1260,14 @@ ffi::Error RowRuleImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
 }
 
 // Mixing: out = s (w x) for an (n, d) float32 or bfloat16 x and an (m, n)
-// float32 w, in float32: NNM's one dense product (w holds ones and s = 1/(n - f),
-// so that every product is exact and only the sums round). The rows j with
-// clean[j] != 0 are read with their non-finite entries as zeros (NNM's rows at a
-// non-finite distance), in the same pass: a cleaned copy of x, or a second
-// product, would be another read and write of x.
+// float32 w, in float32: NNM's product (w holds ones and s = 1/(n - f), so that
+// every product is exact and only the sums round). `sparse`: out_i = s sum over
+// the rows j with w_ij != 0 alone, so that a row of weight 0 adds nothing even if
+// it is not finite (as in `step_range`; bucketing's means, a few ones a row):
+// tiles of one output row, over the rows it uses. The rows j with clean[j] != 0
+// are read with their non-finite entries as zeros (NNM's rows at a non-finite
+// distance), in the same pass: a cleaned copy of x, or a second product, would
+// be another read and write of x.
 // A register tile holds R output rows by C vectors of columns: each row j of x
 // gives C loads and R broadcasts of w for R*C multiply-adds, summed over j in
 // order. The chunk of columns of every row of x stays in L1 while the tiles pass
@@ -1341,13 +1344,25 @@ constexpr int64_t kMixChunk = kMixLanes * kMixCols;
 
 // Output rows i0 to i0 + R - 1 over one chunk of columns: x and out point at the
 // chunk's first column of row 0, ldx and ldo apart.
+// The tiles of output rows (`mix_tile`): tile t holds rows row0[t] to row0[t] +
+// rows[t] - 1 and runs over the rows j used[start[t]] to used[start[t + 1]] - 1,
+// in order: every j, or in a sparse mix (one output row a tile) those of nonzero
+// weight.
+struct MixUse {
+  std::vector<int64_t> row0, start{0};
+  std::vector<int> rows;
+  std::vector<int32_t> used;
+};
+
 template <typename T, int R>
 void mix_tile(const T* x, int64_t ldx, const float* w, const int32_t* clean,
-              int64_t n, int64_t i0, float s, float* out, int64_t ldo, bool stream) {
+              const int32_t* used, int64_t count, int64_t n, int64_t i0, float s,
+              float* out, int64_t ldo, bool stream) {
   MixVec acc[R][kMixCols];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < kMixCols; ++c) acc[r][c] = MixVec{};
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t u = 0; u < count; ++u) {
+    const int64_t j = used[u];
     MixVec v[kMixCols];
     mix_loads(x + j * ldx, v);
     if (clean[j]) {
@@ -1374,22 +1389,44 @@ void mix_tile(const T* x, int64_t ldx, const float* w, const int32_t* clean,
   }
 }
 
-// Every output row over one chunk, kMixRows at a time (fewer at the end).
+// kMixRows output rows a tile (one where fewer are left), or one in a sparse mix.
+MixUse mix_use(const float* w, int64_t m, int64_t n, bool sparse) {
+  MixUse use;
+  for (int64_t i0 = 0; i0 < m;) {
+    const int rows = !sparse && i0 + kMixRows <= m ? kMixRows : 1;
+    for (int64_t j = 0; j < n; ++j) {
+      if (!sparse || w[i0 * n + j] != 0) use.used.push_back(static_cast<int32_t>(j));
+    }
+    use.row0.push_back(i0);
+    use.rows.push_back(rows);
+    use.start.push_back(static_cast<int64_t>(use.used.size()));
+    i0 += rows;
+  }
+  return use;
+}
+
+// Every output row over one chunk.
 template <typename T>
 void mix_chunk(const T* x, int64_t ldx, const float* w, const int32_t* clean,
-               int64_t m, int64_t n, float s, float* out, int64_t ldo, bool stream) {
-  int64_t i0 = 0;
-  for (; i0 + kMixRows <= m; i0 += kMixRows) {
-    mix_tile<T, kMixRows>(x, ldx, w, clean, n, i0, s, out, ldo, stream);
+               const MixUse& use, int64_t n, float s, float* out, int64_t ldo,
+               bool stream) {
+  for (size_t t = 0; t < use.row0.size(); ++t) {
+    const int32_t* used = use.used.data() + use.start[t];
+    const int64_t count = use.start[t + 1] - use.start[t], i0 = use.row0[t];
+    if (use.rows[t] == kMixRows) {
+      mix_tile<T, kMixRows>(x, ldx, w, clean, used, count, n, i0, s, out, ldo, stream);
+    } else {
+      mix_tile<T, 1>(x, ldx, w, clean, used, count, n, i0, s, out, ldo, stream);
+    }
   }
-  for (; i0 < m; ++i0) mix_tile<T, 1>(x, ldx, w, clean, n, i0, s, out, ldo, stream);
 }
 
 // Columns [lo, hi) of out = s (w x); the columns past the last whole chunk go
 // through a zero-padded copy.
 template <typename T>
-void mix_range(const T* x, const float* w, const int32_t* clean, int64_t m,
-               int64_t n, int64_t d, int64_t lo, int64_t hi, float s, float* out) {
+void mix_range(const T* x, const float* w, const int32_t* clean, const MixUse& use,
+               int64_t m, int64_t n, int64_t d, int64_t lo, int64_t hi, float s,
+               float* out) {
   const bool stream =
       d % kMixLanes == 0 &&
       reinterpret_cast<uintptr_t>(out + lo) % (kMixLanes * sizeof(float)) == 0;
@@ -1403,7 +1440,7 @@ void mix_range(const T* x, const float* w, const int32_t* clean, int64_t m,
         }
       }
     }
-    mix_chunk(x + k, d, w, clean, m, n, s, out + k, d, stream);
+    mix_chunk(x + k, d, w, clean, use, n, s, out + k, d, stream);
   }
 #if defined(__AVX2__)
   if (stream) _mm_sfence();  // the streamed lines before the caller reads them
@@ -1414,7 +1451,7 @@ void mix_range(const T* x, const float* w, const int32_t* clean, int64_t m,
     for (int64_t j = 0; j < n; ++j) {
       std::copy(x + j * d + k, x + j * d + hi, xt.data() + j * kMixChunk);
     }
-    mix_chunk(xt.data(), kMixChunk, w, clean, m, n, s, ot.data(), kMixChunk, false);
+    mix_chunk(xt.data(), kMixChunk, w, clean, use, n, s, ot.data(), kMixChunk, false);
     for (int64_t i = 0; i < m; ++i) {
       std::copy(ot.data() + i * kMixChunk, ot.data() + i * kMixChunk + (hi - k),
                 out + i * d + k);
@@ -1425,7 +1462,8 @@ void mix_range(const T* x, const float* w, const int32_t* clean, int64_t m,
 template <ffi::DataType DT>
 ffi::Error MixRowsImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> clean,
-                       ffi::ResultBuffer<ffi::F32> out, float scale) {
+                       ffi::ResultBuffer<ffi::F32> out, float scale,
+                       int32_t sparse) {
   const Shape shape = shape_of(x);
   const auto wdims = w.dimensions();
   if (!shape.ok || wdims.size() < 2 || wdims[wdims.size() - 1] != shape.n) {
@@ -1444,8 +1482,9 @@ ffi::Error MixRowsImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
     const float* wb = w.typed_data() + b * m * n;
     const int32_t* cb = clean.typed_data() + b * n;
     float* ob = out->typed_data() + b * m * d;
+    const MixUse use = mix_use(wb, m, n, sparse != 0);
     split_columns(pool, d, threads, [&](int, int64_t lo, int64_t hi) {
-      mix_range(xb, wb, cb, m, n, d, lo, hi, scale, ob);
+      mix_range(xb, wb, cb, use, m, n, d, lo, hi, scale, ob);
     });
   }
   return ffi::Error::Success();
@@ -1746,7 +1785,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxMixRows, MixRowsImpl<ffi::DataType::F32>,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("sparse"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxMixRowsBf16, MixRowsImpl<ffi::DataType::BF16>,
                               ffi::Ffi::Bind()
@@ -1755,7 +1795,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxMixRowsBf16, MixRowsImpl<ffi::DataType::BF16
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("sparse"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxRowMoments, RowMomentsImpl<ffi::DataType::F32>,
                               ffi::Ffi::Bind()

@@ -98,6 +98,9 @@ class PreAggregator(NamedTuple):
       one_array: whether its rows come out as one array (a matrix product), so
         that `chain` has no need to write them out for a `stored` rule (a copy
         of NNM's product took NNM + Krum from 67 to 111 ms at (25, 1e6)).
+      written_update: `wide_update` with the rows written out as one array, in
+        a form of its own, for a `stored` rule (`chain`); None: `chain` writes
+        `wide_update`'s rows out (`write_rows`).
       row_scales: for a pre-aggregator that scales each row (n' = n), its rows as
         factors of its input: y_i = s_i x_i where keep_i, else the zero row; s and
         keep float32 and bool (n,). `chain` hands them to a rule's
@@ -113,6 +116,7 @@ class PreAggregator(NamedTuple):
     wide_update: Update | None = None
     one_array: bool = False
     row_scales: RowScales | None = None
+    written_update: Update | None = None
 
 
 def _no_state(grads: jax.Array) -> tuple:

@@ -46,8 +46,13 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
         new_states = []
         x = grads
         stages = list(zip(pres, pre_states, params["pre"], strict=True))
-        for pre, s, p in stages[:-1] if scaled else stages:
-            x, s = (pre.wide_update or pre.update)(x, s, p)
+        # A stored rule's rows come from the last stage's written form, where it
+        # has one.
+        written = rule.stored and not scaled and pres[-1].written_update is not None
+        for i, (pre, s, p) in enumerate(stages[:-1] if scaled else stages):
+            last = i == len(stages) - 1
+            form = pre.written_update if written and last else None
+            x, s = (form or pre.wide_update or pre.update)(x, s, p)
             new_states.append(s)
         if scaled:
             pre, s, p = stages[-1]
@@ -57,7 +62,7 @@ def chain(pres: Sequence[PreAggregator], rule: Aggregator) -> Aggregator:
                 x, factors, keep, rule_state, params["rule"]
             )
         else:
-            if rule.stored and not pres[-1].one_array:
+            if rule.stored and not pres[-1].one_array and not written:
                 x = write_rows(x)
             out, rule_state = rule.computed_update(x, rule_state, params["rule"])
         return out.astype(grads.dtype), (tuple(new_states), rule_state)
