@@ -27,6 +27,9 @@
 //   row_moments: the column means and the sums of squared deviations from
 //     them (ALIE's mu and sigma) in one read: XLA's product and fused
 //     deviation loop took 5 reads of x at (76, 1e6).
+//   mix_rows: out = s (w x) for an (m, n) w, NNM's product (with its broken
+//     rows cleaned as they are read) and, sparse, bucketing's means, in one
+//     read of x, the output streamed to memory.
 //   network: a sorting-network rule over the rows (median, trimmed mean, mean
 //     around the median for n <= 32), 8 columns at a time. The loop itself is
 //     generated per network and rule by byzjax/_native/networks.py, compiled on
