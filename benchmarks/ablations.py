@@ -135,9 +135,21 @@ def _step_plain(x, v):
     return z, _native.row_sq_dists(x, z)
 
 
+def _mixing(x, v):
+    # NNM's 0/1 mixing matrix, from an argument (about 3/4 of its entries ones).
+    n = len(x)
+    return (v[: n * n].reshape(n, n) > -0.67).astype(jnp.float32)
+
+
 def native_pairs(f: int):
     """The CPU kernels of byzjax/_native against the forms they replace."""
     return [
+        (
+            "NNM's product, kernel",
+            lambda x, v: _native.mix_rows(x, _mixing(x, v), 1.0 / (len(x) - f)),
+            lambda x, v: jnp.matmul(_mixing(x, v) / (len(x) - f), x, precision=HIGHEST),
+            "CPU kernel (exact products, streamed output) vs XLA's product",
+        ),
         (
             "pairwise distances",
             lambda x, v: _native.pairwise_sq_dists(x),
