@@ -22,6 +22,7 @@ from jax import lax
 
 from byzjax import _native
 from byzjax._checks import require, static_int
+from byzjax._native import networks
 from byzjax._numerics import (
     HIGHEST,
     compute_dtype,
@@ -74,14 +75,16 @@ def nnm(f: int = 0) -> PreAggregator:
         dist = pairwise_sq_dists(x, center=robust_center(x, f))
         _, near = smallest_k(dist, n - f)
         weight = 1.0 / (n - f)
-        if kernel_rows(x):
+        if kernel_rows(x) and networks.native_width() == 16:
             # The CPU kernel (`_native.mix_rows`): W holds ones and the weight is
             # applied to each sum as it is stored (exact products); the rows at a
             # non-finite distance are read with their non-finite entries as zeros,
             # in the same pass, where the conditional form below writes zeros
             # first (6.9 | 23 ms at (25 | 100, 1e6) float32). NNM took 11.2 |
             # 137-145 ms against 20.3-21.0 | 167-171 by XLA's product
-            # (docs/performance.md, session 32).
+            # (docs/performance.md, session 32). With its AVX2 form NNM ran at
+            # 0.75-0.82x the speed of XLA's AVX-512 product at (100, 1e6):
+            # unmeasured against XLA on an AVX2 CPU, so there NNM keeps XLA's.
             ones = jnp.zeros((n, n), jnp.float32).at[jnp.arange(n)[:, None], near]
             broken = ~jnp.all(jnp.isfinite(dist), axis=1)
             return _native.mix_rows(x, ones.set(1.0), weight, broken)
