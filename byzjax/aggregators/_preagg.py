@@ -85,9 +85,10 @@ def nnm(f: int = 0) -> PreAggregator:
             # (docs/performance.md, session 32). With its AVX2 form NNM ran at
             # 0.75-0.82x the speed of XLA's AVX-512 product at (100, 1e6):
             # unmeasured against XLA on an AVX2 CPU, so there NNM keeps XLA's.
-            ones = jnp.zeros((n, n), jnp.float32).at[jnp.arange(n)[:, None], near]
+            ones = jnp.zeros((n, n), jnp.float32)
+            ones = ones.at[jnp.arange(n)[:, None], near].set(1.0)
             broken = ~jnp.all(jnp.isfinite(dist), axis=1)
-            return _native.mix_rows(x, ones.set(1.0), weight, broken)
+            return _native.mix_rows(x, ones, weight, broken)
         # The weights 1/(n - f) go into W: dividing the product would be one more
         # (n, d) pass. For bfloat16 W holds ones, exact in bfloat16, and the
         # product of bfloat16 operands accumulates in float32 with no float32
