@@ -349,26 +349,44 @@ def test_mix_kernel_matches_numpy(m, n, d, bad, dtype):
     for r in range(min(bad, n)):
         x[rng.integers(n)] = BAD[r % 3]
     x = x.astype(dtype)
-    for sparse, density in [(False, 0.7), (True, 0.7), (True, 0.1)]:
+    # pairs: bfloat16 rows two a lane where w's entries are bfloat16 (`vdpbf16ps`,
+    # where the kernels have it; float32 rows, a sparse mix or another w ignore it).
+    cases = [
+        (False, 0.7, False),
+        (False, 0.7, True),
+        (True, 0.7, True),
+        (True, 0.1, False),
+    ]
+    for sparse, density, pairs in cases:
         w = (rng.random((m, n)) < density).astype(np.float32)
-        mix = _jit(lambda x, w, s=sparse: _native.mix_rows(x, w, 0.25, None, s))
+        if pairs:
+            w *= rng.choice([1.0, -0.5, 3.0], size=w.shape).astype(np.float32)
+        mix = _jit(
+            lambda x, w, s=sparse, p=pairs: _native.mix_rows(x, w, 0.25, None, s, p)
+        )
         got = np.asarray(mix(x, w))
         assert got.dtype == np.float32 and got.shape == (m, d)
         want = _want_mix(x, w, 0.25, sparse)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # General weights, the scale left at one.
     w = rng.normal(size=(m, n)).astype(np.float32)
-    got = np.asarray(_jit(_native.mix_rows)(x, w))
+    got = np.asarray(_jit(lambda x, w: _native.mix_rows(x, w, pairs=True))(x, w))
     np.testing.assert_allclose(got, _want_mix(x, w, 1.0), rtol=1e-5, atol=1e-4)
     # Cleaned rows (NNM's rows at a non-finite distance, and one finite row):
     # their non-finite entries count as zeros, the other rows' as they are.
     clean = ~np.isfinite(_wide(x)).all(axis=1)
     clean[0] = True
-    got = _jit(lambda x, w, clean: _native.mix_rows(x, w, 0.5, clean))(x, w, clean)
-    got = np.asarray(got)
     cleaned = np.where(clean[:, None] & ~np.isfinite(_wide(x)), 0.0, _wide(x))
-    np.testing.assert_allclose(got, _want_mix(cleaned, w, 0.5), rtol=1e-5, atol=1e-4)
-    assert np.isfinite(got).all()
+    w = (rng.random((m, n)) < 0.7).astype(np.float32)
+    for pairs in (False, True):
+        mix = _jit(
+            lambda x, w, clean, p=pairs: _native.mix_rows(x, w, 0.5, clean, pairs=p)
+        )
+        got = np.asarray(mix(x, w, clean))
+        np.testing.assert_allclose(
+            got, _want_mix(cleaned, w, 0.5), rtol=1e-5, atol=1e-4
+        )
+        assert np.isfinite(got).all()
 
 
 def test_mix_kernel_vmaps_and_differentiates():

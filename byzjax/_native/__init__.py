@@ -315,13 +315,14 @@ def _gram_jvp(primals, tangents):
     return (g, q), (p + jnp.swapaxes(p, -1, -2), dq)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 4, 5))
 def mix_rows(
     x: jax.Array,
     w: jax.Array,
     scale: float = 1.0,
     clean: jax.Array | None = None,
     sparse: bool = False,
+    pairs: bool | None = None,
 ) -> jax.Array:
     """scale * (w @ x) for a (..., n, d) float32 or bfloat16 x and a (..., m, n)
     float32 w, (..., m, d) float32: each output row a weighted sum of the rows
@@ -329,7 +330,10 @@ def mix_rows(
     NaN/Inf flow as in a product (0 * Inf is NaN). `sparse` (static): a row of
     weight 0 adds nothing, even if it is not finite (bucketing's means; one
     output row at a time, for few weights a row). Rows j with clean[j] (a
-    (..., n) bool, default none) count their non-finite entries as zeros."""
+    (..., n) bool, default none) count their non-finite entries as zeros.
+    `pairs` (static; None: `bf16_pairs()`): a bfloat16 x and a dense w of
+    bfloat16 entries (NNM's ones) summed two rows a float32 lane (`vdpbf16ps`,
+    which reads bfloat16 subnormals as zeros), where the kernels have it."""
     target = _distance_target("mix_rows", x, w=w)
     if clean is None:
         clean = jnp.zeros(x.shape[:-1], bool)
@@ -341,17 +345,29 @@ def mix_rows(
         clean.astype(jnp.int32),
         scale=np.float32(scale),
         sparse=np.int32(sparse),
+        pairs=np.int32(bf16_pairs() if pairs is None else pairs),
     )
 
 
+@functools.cache
+def bf16_pairs() -> bool:
+    """Whether `mix_rows` sums bfloat16 rows two a lane by default: on AMD's CPUs
+    with AVX512-BF16, where Zen 4 runs `vdpbf16ps` (32 products) at the rate of a
+    16-lane multiply-add; the Xeon of model 167 ran it at a quarter of that
+    (docs/performance.md, sessions 32 and 33)."""
+    info = cpu_info()
+    amd = info.get("vendor_id") == "AuthenticAMD"
+    return amd and "avx512_bf16" in info.get("flags", "").split()
+
+
 @mix_rows.defjvp
-def _mix_jvp(scale, sparse, primals, tangents):
+def _mix_jvp(scale, sparse, pairs, primals, tangents):
     # d(s w c(x)) = s (dw c(x) + w c'(dx)), c zeroing the cleaned rows' non-finite
     # entries (and their tangents): linear in the tangents, as products XLA can
     # transpose (reverse mode); any non-finite entry gives dw no derivative.
     (x, w, clean), (dx, dw, _) = primals, tangents
     hi = lax.Precision.HIGHEST
-    out = mix_rows(x, w, scale, clean, sparse)
+    out = mix_rows(x, w, scale, clean, sparse, pairs)
     x, dx = x.astype(jnp.float32), dx.astype(jnp.float32)
     if clean is not None:
         dx = jnp.where(clean[..., None] & ~jnp.isfinite(x), 0.0, dx)

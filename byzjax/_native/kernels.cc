@@ -1424,15 +1424,127 @@ void mix_chunk(const T* x, int64_t ldx, const float* w, const int32_t* clean,
   }
 }
 
+#if defined(__AVX512BF16__)
+// bfloat16 rows by pairs (`vdpbf16ps`: 32 products a vector, two a float32 lane,
+// where a multiply-add makes 16): for a w whose entries are all bfloat16 (NNM's
+// ones), out_i = s sum over pairs p of (w_i,2p x_2p + w_i,2p+1 x_2p+1), each
+// product exact, in float32 (the instruction reads bfloat16 subnormals as zeros
+// and flushes subnormal sums). Zen 4 runs the instruction at the rate of a
+// 16-lane multiply-add, so twice the products a cycle; the Xeon of model 167
+// ran it at a quarter of its multiply-adds' (docs/performance.md, sessions 32 and
+// 33), so the caller asks for it where the CPU is AMD's.
+// The chunk's rows are interleaved once into `pairs` (the rows 2p and 2p + 1 of
+// each column in one 32-bit lane, in column order, cleaned, a zero row after an
+// odd n) and every tile of output rows reads them from L1.
+constexpr int64_t kPairVecs = kMixCols;  // the 64 columns of a chunk
+inline __m512i finite_bf16(__m512i b) {
+  // A bfloat16 is finite where its exponent bits are not all set.
+  const __m512i e = _mm512_set1_epi16(0x7F80);
+  return _mm512_maskz_mov_epi16(
+      _mm512_cmpneq_epi16_mask(_mm512_and_si512(b, e), e), b);
+}
+void pair_rows(const uint16_t* x, int64_t ldx, int64_t n, const int32_t* clean,
+               __m512i* pairs) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7,
+                                          20, 21, 22, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  for (int64_t p = 0; 2 * p < n; ++p) {
+    const int64_t j = 2 * p;
+    for (int h = 0; h < kPairVecs / 2; ++h) {
+      __m512i a = _mm512_loadu_si512(x + j * ldx + 32 * h);
+      __m512i b = _mm512_setzero_si512();
+      if (j + 1 < n) b = _mm512_loadu_si512(x + (j + 1) * ldx + 32 * h);
+      if (clean[j]) a = finite_bf16(a);
+      if (j + 1 < n && clean[j + 1]) b = finite_bf16(b);
+      // unpacklo/hi pair columns 0-3 | 4-7 of each 128-bit lane: put back in order.
+      const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+      pairs[p * kPairVecs + 2 * h] = _mm512_permutex2var_epi32(lo, first, hi);
+      pairs[p * kPairVecs + 2 * h + 1] = _mm512_permutex2var_epi32(lo, second, hi);
+    }
+  }
+}
+// Output rows i0 to i0 + R - 1 of one chunk; wp holds w's bfloat16 pairs, np a row.
+template <int R>
+void pair_tile(const __m512i* pairs, const uint32_t* wp, int64_t np, int64_t i0,
+               float s, float* out, int64_t ldo, bool stream) {
+  __m512 acc[R][kPairVecs];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kPairVecs; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < np; ++p) {
+    __m512bh v[kPairVecs];
+    for (int c = 0; c < kPairVecs; ++c) v[c] = (__m512bh)pairs[p * kPairVecs + c];
+    for (int r = 0; r < R; ++r) {
+      const __m512bh wr = (__m512bh)_mm512_set1_epi32(wp[(i0 + r) * np + p]);
+      for (int c = 0; c < kPairVecs; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v[c], wr);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < kPairVecs; ++c) {
+      const __m512 y = _mm512_mul_ps(_mm512_set1_ps(s), acc[r][c]);
+      float* dst = out + (i0 + r) * ldo + c * kMixLanes;
+      if (stream) {
+        _mm512_stream_ps(dst, y);
+      } else {
+        _mm512_storeu_ps(dst, y);
+      }
+    }
+  }
+}
+// Every output row over one chunk, its rows paired into `pairs` first.
+void pair_chunk(const uint16_t* x, int64_t ldx, const int32_t* clean, const MixUse& use,
+                const std::vector<uint32_t>& wp, int64_t n, __m512i* pairs, float s,
+                float* out, int64_t ldo, bool stream) {
+  const int64_t np = (n + 1) / 2;
+  pair_rows(x, ldx, n, clean, pairs);
+  for (size_t t = 0; t < use.row0.size(); ++t) {
+    if (use.rows[t] == kMixRows) {
+      pair_tile<kMixRows>(pairs, wp.data(), np, use.row0[t], s, out, ldo, stream);
+    } else {
+      pair_tile<1>(pairs, wp.data(), np, use.row0[t], s, out, ldo, stream);
+    }
+  }
+}
+
+// w's rows as bfloat16 pairs (the low half the even column), or empty where an
+// entry is not a bfloat16 (the multiply-add tiles take such a w).
+std::vector<uint32_t> bf16_pairs(const float* w, int64_t m, int64_t n) {
+  const int64_t np = (n + 1) / 2;
+  std::vector<uint32_t> wp(m * np, 0);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, w + i * n + j, sizeof(bits));
+      if (bits & 0xFFFFu) return {};
+      wp[i * np + j / 2] |= (bits >> 16) << (16 * (j % 2));
+    }
+  }
+  return wp;
+}
+#endif
+
 // Columns [lo, hi) of out = s (w x); the columns past the last whole chunk go
 // through a zero-padded copy.
 template <typename T>
 void mix_range(const T* x, const float* w, const int32_t* clean, const MixUse& use,
-               int64_t m, int64_t n, int64_t d, int64_t lo, int64_t hi, float s,
-               float* out) {
+               const std::vector<uint32_t>& wp, int64_t m, int64_t n, int64_t d,
+               int64_t lo, int64_t hi, float s, float* out) {
   const bool stream =
       d % kMixLanes == 0 &&
       reinterpret_cast<uintptr_t>(out + lo) % (kMixLanes * sizeof(float)) == 0;
+#if defined(__AVX512BF16__)
+  std::vector<__m512i> pairs(wp.empty() ? 0 : (n + 1) / 2 * kPairVecs);
+#endif
+  auto chunk = [&](const T* xc, int64_t ldx, float* oc, int64_t ldo, bool st) {
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (!pairs.empty()) {
+        pair_chunk(xc, ldx, clean, use, wp, n, pairs.data(), s, oc, ldo, st);
+        return;
+      }
+    }
+#endif
+    mix_chunk(xc, ldx, w, clean, use, n, s, oc, ldo, st);
+  };
   int64_t k = lo;
   for (; k + kMixChunk <= hi; k += kMixChunk) {
     if (k + 2 * kMixChunk <= hi) {
@@ -1443,7 +1555,7 @@ void mix_range(const T* x, const float* w, const int32_t* clean, const MixUse& u
         }
       }
     }
-    mix_chunk(x + k, d, w, clean, use, n, s, out + k, d, stream);
+    chunk(x + k, d, out + k, d, stream);
   }
 #if defined(__AVX2__)
   if (stream) _mm_sfence();  // the streamed lines before the caller reads them
@@ -1454,7 +1566,7 @@ void mix_range(const T* x, const float* w, const int32_t* clean, const MixUse& u
     for (int64_t j = 0; j < n; ++j) {
       std::copy(x + j * d + k, x + j * d + hi, xt.data() + j * kMixChunk);
     }
-    mix_chunk(xt.data(), kMixChunk, w, clean, use, n, s, ot.data(), kMixChunk, false);
+    chunk(xt.data(), kMixChunk, ot.data(), kMixChunk, false);
     for (int64_t i = 0; i < m; ++i) {
       std::copy(ot.data() + i * kMixChunk, ot.data() + i * kMixChunk + (hi - k),
                 out + i * d + k);
@@ -1466,7 +1578,7 @@ template <ffi::DataType DT>
 ffi::Error MixRowsImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> clean,
                        ffi::ResultBuffer<ffi::F32> out, float scale,
-                       int32_t sparse) {
+                       int32_t sparse, int32_t pairs) {
   const Shape shape = shape_of(x);
   const auto wdims = w.dimensions();
   if (!shape.ok || wdims.size() < 2 || wdims[wdims.size() - 1] != shape.n) {
@@ -1486,8 +1598,12 @@ ffi::Error MixRowsImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
     const int32_t* cb = clean.typed_data() + b * n;
     float* ob = out->typed_data() + b * m * d;
     const MixUse use = mix_use(wb, m, n, sparse != 0);
+    std::vector<uint32_t> wp;
+#if defined(__AVX512BF16__)
+    if (std::is_same_v<T, uint16_t> && pairs && !sparse) wp = bf16_pairs(wb, m, n);
+#endif
     split_columns(pool, d, threads, [&](int, int64_t lo, int64_t hi) {
-      mix_range(xb, wb, cb, use, m, n, d, lo, hi, scale, ob);
+      mix_range(xb, wb, cb, use, wp, m, n, d, lo, hi, scale, ob);
     });
   }
   return ffi::Error::Success();
@@ -1789,7 +1905,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxMixRows, MixRowsImpl<ffi::DataType::F32>,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<int32_t>("sparse"));
+                                  .Attr<int32_t>("sparse")
+                                  .Attr<int32_t>("pairs"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxMixRowsBf16, MixRowsImpl<ffi::DataType::BF16>,
                               ffi::Ffi::Bind()
@@ -1799,7 +1916,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxMixRowsBf16, MixRowsImpl<ffi::DataType::BF16
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<int32_t>("sparse"));
+                                  .Attr<int32_t>("sparse")
+                                  .Attr<int32_t>("pairs"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ByzjaxRowMoments, RowMomentsImpl<ffi::DataType::F32>,
                               ffi::Ffi::Bind()
