@@ -1273,8 +1273,9 @@ ffi::Error RowRuleImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
 // be another read and write of x.
 // A register tile holds R output rows by C vectors of columns: each row j of x
 // gives C loads and R broadcasts of w for R*C multiply-adds, summed over j in
-// order. The chunk of columns of every row of x stays in L1 while the tiles pass
-// over it, and the next chunk's lines are prefetched; where the output rows are
+// order. In a dense mix the chunk of columns of every row of x stays in L1 while
+// the tiles pass over it (a sparse one runs each tile over the columns alone), and
+// the next chunk's lines are prefetched; where the output rows are
 // aligned to a vector, it is written with non-temporal stores, so its lines are
 // not read before they are written (session 32, the 2-core Xeon of model 167,
 // (25 | 100, 1e6) on two threads: float32 6.2-7.8 | 67-81 ms against XLA's
@@ -1355,6 +1356,7 @@ struct MixUse {
   std::vector<int64_t> row0, start{0};
   std::vector<int> rows;
   std::vector<int32_t> used;
+  bool sparse;
 };
 
 template <typename T, int R>
@@ -1395,6 +1397,7 @@ void mix_tile(const T* x, int64_t ldx, const float* w, const int32_t* clean,
 // kMixRows output rows a tile (one where fewer are left), or one in a sparse mix.
 MixUse mix_use(const float* w, int64_t m, int64_t n, bool sparse) {
   MixUse use;
+  use.sparse = sparse;
   for (int64_t i0 = 0; i0 < m;) {
     const int rows = !sparse && i0 + kMixRows <= m ? kMixRows : 1;
     for (int64_t j = 0; j < n; ++j) {
@@ -1408,12 +1411,12 @@ MixUse mix_use(const float* w, int64_t m, int64_t n, bool sparse) {
   return use;
 }
 
-// Every output row over one chunk.
+// The tiles t0 to t1 - 1 over one chunk.
 template <typename T>
 void mix_chunk(const T* x, int64_t ldx, const float* w, const int32_t* clean,
-               const MixUse& use, int64_t n, float s, float* out, int64_t ldo,
-               bool stream) {
-  for (size_t t = 0; t < use.row0.size(); ++t) {
+               const MixUse& use, size_t t0, size_t t1, int64_t n, float s,
+               float* out, int64_t ldo, bool stream) {
+  for (size_t t = t0; t < t1; ++t) {
     const int32_t* used = use.used.data() + use.start[t];
     const int64_t count = use.start[t + 1] - use.start[t], i0 = use.row0[t];
     if (use.rows[t] == kMixRows) {
@@ -1534,42 +1537,55 @@ void mix_range(const T* x, const float* w, const int32_t* clean, const MixUse& u
 #if defined(__AVX512BF16__)
   std::vector<__m512i> pairs(wp.empty() ? 0 : (n + 1) / 2 * kPairVecs);
 #endif
-  auto chunk = [&](const T* xc, int64_t ldx, float* oc, int64_t ldo, bool st) {
+  auto chunk = [&](const T* xc, int64_t ldx, float* oc, int64_t ldo, bool st,
+                   size_t t0, size_t t1) {
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<T, uint16_t>) {
-      if (!pairs.empty()) {
+      if (!pairs.empty()) {  // dense: every tile at once
         pair_chunk(xc, ldx, clean, use, wp, n, pairs.data(), s, oc, ldo, st);
         return;
       }
     }
 #endif
-    mix_chunk(xc, ldx, w, clean, use, n, s, oc, ldo, st);
+    mix_chunk(xc, ldx, w, clean, use, t0, t1, n, s, oc, ldo, st);
   };
-  int64_t k = lo;
-  for (; k + kMixChunk <= hi; k += kMixChunk) {
-    if (k + 2 * kMixChunk <= hi) {
-      for (int64_t j = 0; j < n; ++j) {
-        for (int64_t c = 0; c < kMixChunk * static_cast<int64_t>(sizeof(T)); c += 64) {
-          __builtin_prefetch(reinterpret_cast<const char*>(x + j * d + k + kMixChunk) + c,
-                             0, 3);
+  // A dense mix runs every tile over a chunk, which stays in L1 for all of them;
+  // a sparse one reads each row for one output row, so each tile runs over the
+  // columns alone: a few long streams where a chunk of every row made n short
+  // ones (session 33, Zen 4, bucketing's means then Krum at (100, 1e6) float32:
+  // 33-36 ms by tiles, 63-66 by chunks, 46-55 through XLA's means).
+  const size_t tiles = use.row0.size(), group = use.sparse ? 1 : tiles;
+  const int64_t whole = lo + (hi - lo) / kMixChunk * kMixChunk;
+  for (size_t t0 = 0; t0 < tiles; t0 += group) {
+    const size_t t1 = std::min(tiles, t0 + group);
+    // The rows the group reads: the first tile's (every row where dense).
+    const int32_t* rows = use.used.data() + use.start[t0];
+    const int64_t count = use.start[t0 + 1] - use.start[t0];
+    for (int64_t k = lo; k < whole; k += kMixChunk) {
+      if (k + 2 * kMixChunk <= hi) {
+        for (int64_t u = 0; u < count; ++u) {
+          const char* next = reinterpret_cast<const char*>(x + rows[u] * d + k + kMixChunk);
+          for (int64_t c = 0; c < kMixChunk * static_cast<int64_t>(sizeof(T)); c += 64) {
+            __builtin_prefetch(next + c, 0, 3);
+          }
         }
       }
+      chunk(x + k, d, out + k, d, stream, t0, t1);
     }
-    chunk(x + k, d, out + k, d, stream);
   }
 #if defined(__AVX2__)
   if (stream) _mm_sfence();  // the streamed lines before the caller reads them
 #endif
-  if (k < hi) {
+  if (whole < hi) {
     std::vector<T> xt(n * kMixChunk, T{});
     std::vector<float> ot(m * kMixChunk);
     for (int64_t j = 0; j < n; ++j) {
-      std::copy(x + j * d + k, x + j * d + hi, xt.data() + j * kMixChunk);
+      std::copy(x + j * d + whole, x + j * d + hi, xt.data() + j * kMixChunk);
     }
-    chunk(xt.data(), kMixChunk, ot.data(), kMixChunk, false);
+    chunk(xt.data(), kMixChunk, ot.data(), kMixChunk, false, 0, tiles);
     for (int64_t i = 0; i < m; ++i) {
-      std::copy(ot.data() + i * kMixChunk, ot.data() + i * kMixChunk + (hi - k),
-                out + i * d + k);
+      std::copy(ot.data() + i * kMixChunk, ot.data() + i * kMixChunk + (hi - whole),
+                out + i * d + whole);
     }
   }
 }
