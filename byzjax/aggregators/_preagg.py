@@ -82,7 +82,9 @@ def nnm(f: int = 0) -> PreAggregator:
             # in the same pass, where the conditional form below writes zeros
             # first (6.9 | 23 ms at (25 | 100, 1e6) float32). NNM took 11.2 |
             # 137-145 ms against 20.3-21.0 | 167-171 by XLA's product
-            # (docs/performance.md, session 32). With its AVX2 form NNM ran at
+            # (docs/performance.md, session 32; on the Zen 4, bfloat16 rows
+            # summed two a lane, `_native.bf16_pairs`, 175 against 206-220 ms at
+            # (100, 1e6), session 33). With its AVX2 form NNM ran at
             # 0.75-0.82x the speed of XLA's AVX-512 product at (100, 1e6):
             # unmeasured against XLA on an AVX2 CPU, so there NNM keeps XLA's.
             ones = jnp.zeros((n, n), jnp.float32)
@@ -183,7 +185,9 @@ def bucketing(
         # (`_native.mix_rows`, sparse: a non-finite row spoils its bucket alone),
         # where XLA's loop over the buckets' rows wrote them and `write_rows`
         # copied them: bucketing then Krum at (25 | 100, 1e6) float32 took 7.3 |
-        # 37.4 ms against 11.5 | 64.8 (docs/performance.md, session 32).
+        # 37.4 ms against 11.5 | 64.8 on the Xeon of model 167, 6.8-8.2 | 33-36
+        # against 9.2-11.0 | 48-49 on the Zen 4 (docs/performance.md, sessions
+        # 32 and 33).
         if not kernel_rows(grads):
             out, state = wide(grads, state, params)
             return write_rows(out), state
