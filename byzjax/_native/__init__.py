@@ -353,8 +353,9 @@ def mix_rows(
 def bf16_pairs() -> bool:
     """Whether `mix_rows` sums bfloat16 rows two a lane by default: on AMD's CPUs
     with AVX512-BF16, where Zen 4 runs `vdpbf16ps` (32 products) at the rate of a
-    16-lane multiply-add; the Xeon of model 167 ran it at a quarter of that
-    (docs/performance.md, sessions 32 and 33)."""
+    16-lane multiply-add (twice the products); the Xeon of model 167 ran it at a
+    quarter of that (half the products; docs/performance.md, sessions 32 and
+    33)."""
     info = cpu_info()
     amd = info.get("vendor_id") == "AuthenticAMD"
     return amd and "avx512_bf16" in info.get("flags", "").split()

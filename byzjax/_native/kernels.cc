@@ -1434,8 +1434,9 @@ void mix_chunk(const T* x, int64_t ldx, const float* w, const int32_t* clean,
 // product exact, in float32 (the instruction reads bfloat16 subnormals as zeros
 // and flushes subnormal sums). Zen 4 runs the instruction at the rate of a
 // 16-lane multiply-add, so twice the products a cycle; the Xeon of model 167
-// ran it at a quarter of its multiply-adds' (docs/performance.md, sessions 32 and
-// 33), so the caller asks for it where the CPU is AMD's.
+// ran it at a quarter of its multiply-adds' rate, half the products
+// (docs/performance.md, sessions 32 and 33), so the caller asks for it where the
+// CPU is AMD's.
 // The chunk's rows are interleaved once into `pairs` (the rows 2p and 2p + 1 of
 // each column in one 32-bit lane, in column order, cleaned, a zero row after an
 // odd n) and every tile of output rows reads them from L1.
