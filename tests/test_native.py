@@ -395,6 +395,13 @@ def test_mix_kernel_vmaps_and_differentiates():
     w = rng.normal(size=(2, 3, 4, 6)).astype(np.float32)
     got = jax.jit(jax.vmap(jax.vmap(lambda x, w: _native.mix_rows(x, w, 0.5))))(x, w)
     np.testing.assert_allclose(got, 0.5 * (w @ x), rtol=1e-5, atol=1e-5)
+    # bfloat16 rows and 0/1 weights (odd n, a whole chunk and a tail): w's pairs
+    # made for each batch element.
+    xb = jnp.asarray(rng.normal(size=(2, 3, 7, 100)), jnp.bfloat16)
+    ones = (rng.random((2, 3, 7, 7)) < 0.7).astype(np.float32)
+    mix = jax.vmap(jax.vmap(lambda x, w: _native.mix_rows(x, w, 0.5, pairs=True)))
+    want = 0.5 * (ones @ np.asarray(xb, np.float32))
+    np.testing.assert_allclose(jax.jit(mix)(xb, ones), want, rtol=1e-5, atol=1e-5)
     # Forward and reverse mode against the plain product; a non-finite entry of x
     # gives w no derivative.
     x, w = x[0, 0], w[0, 0]
