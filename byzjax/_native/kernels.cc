@@ -1418,7 +1418,7 @@ struct MixUse {
   std::vector<int64_t> row0, start{0};
   std::vector<int> rows;
   std::vector<int32_t> used;
-  bool sparse;
+  bool sparse = false;
 };
 
 template <typename T, int R>
@@ -1573,7 +1573,7 @@ void pair_chunk(const uint16_t* x, int64_t ldx, const int32_t* clean, const MixU
 
 // w's rows as bfloat16 pairs (the low half the even column), or empty where an
 // entry is not a bfloat16 (the multiply-add tiles take such a w).
-std::vector<uint32_t> bf16_pairs(const float* w, int64_t m, int64_t n) {
+std::vector<uint32_t> weight_pairs(const float* w, int64_t m, int64_t n) {
   const int64_t np = (n + 1) / 2;
   std::vector<uint32_t> wp(m * np, 0);
   for (int64_t i = 0; i < m; ++i) {
@@ -1685,7 +1685,7 @@ ffi::Error MixRowsImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
     const MixUse use = mix_use(wb, m, n, sparse != 0);
     std::vector<uint32_t> wp;
 #if defined(__AVX512BF16__)
-    if (std::is_same_v<T, uint16_t> && pairs && !sparse) wp = bf16_pairs(wb, m, n);
+    if (std::is_same_v<T, uint16_t> && pairs && !sparse) wp = weight_pairs(wb, m, n);
 #endif
     split_columns(pool, d, threads, [&](int, int64_t lo, int64_t hi) {
       mix_range(xb, wb, cb, use, wp, m, n, d, lo, hi, scale, ob);
