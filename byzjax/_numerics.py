@@ -224,37 +224,32 @@ def taken_rows(x: jax.Array, idx: jax.Array) -> list[jax.Array]:
 def weighted_row_sum(w: jax.Array, x: jax.Array, keep: jax.Array) -> jax.Array:
     """sum_i w_i x_i over the rows with keep_i; a dropped row adds exactly 0.
 
-    One matrix-vector product when every row is kept (the usual case: at (100, 1e6)
-    14 ms against 36 ms for the fused row additions); otherwise through the step
-    kernel (a row of weight 0 is skipped) or row by row with the dropped rows
-    selected away, since a product would turn 0 * Inf into NaN. Kept rows must be
-    finite.
-
-    A `lax.cond`, though under vmap it runs both sides (the product and the
-    dropped rows' form):
-    the forms without one were no faster without vmap in `/tmp` A/B runs at
-    (25, 1e6), the step kernel for both cases (3.8 ms) or the product first with
-    the kernel where a row is dropped (`patch_if`, 3.8 ms), against 2.5-3.9 ms for
-    this cond over repeated runs of the same code.
+    Through the CPU kernels in one read of x whatever keep is (`step_sq_dists`,
+    a row of weight 0 skipped, the zero centre not read): alternated in one
+    process on the Zen 4 (session 34), 0.99-1.00 the time of XLA's product
+    `w @ x` at (25 | 100, 1e6) float32. It was `lax.cond(all(keep), product,
+    rows)`, which `jax.vmap` (sweeps) turns into a select of both sides: centered
+    clipping at (25, 1e6) vmapped over 4 inputs took 1.46x their calls one by
+    one (three reads for two). Off the kernels the cond stays: a product where
+    every row is kept (XLA:CPU's fused row additions read n streams at once: at
+    (100, 1e6) 36 ms against 14), else the kept rows added one by one, since a
+    product would turn 0 * Inf into NaN. Kept rows must be finite.
     """
 
-    def product():
-        return jnp.matmul(w, x, precision=HIGHEST)
-
     def dropped():
-        if kernel_rows(x):
-            kept = jnp.where(keep, w, 0.0).astype(jnp.float32)
-            zero = jnp.zeros(x.shape[1], jnp.float32)
-            return _native.step_sq_dists(x, zero, kept, False)[0]
         # Tied to w: in a loop (the geometric median's steps) the rows'
         # conversions would be hoisted out of it and written out.
         x_rows = promoted_rows(x, tie=(w,))
         return sum_rows(lambda i: jnp.where(keep[i], w[i] * x_rows[i], 0.0), x.shape[0])
 
+    if kernel_rows(x):
+        kept = jnp.where(keep, w, 0.0).astype(jnp.float32)
+        no_centre = jnp.zeros((0,), jnp.float32)  # zeros, not read
+        return _native.step_sq_dists(x, no_centre, kept, False)[0]
     if x.dtype != compute_dtype(x.dtype):
         # A product would read a float32 copy of a bfloat16 x.
         return dropped()
-    return lax.cond(jnp.all(keep), product, dropped)
+    return lax.cond(jnp.all(keep), lambda: jnp.matmul(w, x, precision=HIGHEST), dropped)
 
 
 def row_mean(x: jax.Array) -> jax.Array:

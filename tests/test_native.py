@@ -624,7 +624,7 @@ def _want_step(x, z, w):
 @pytest.mark.parametrize("bad", [0, 4])
 @X_DTYPES
 def test_step_kernel_matches_numpy(n, d, bad, dtype):
-    # (100, 20001): several column blocks, 4-row passes, a 1-column tail;
+    # (100, 20001): several column blocks, passes of 7 and 8 rows, a 1-column tail;
     # (20, 400003): two threads. The weights of the NaN / Inf / 1e38 rows are 0
     # (the rules' usage), one more finite row gets weight 0 and the weights need
     # not sum to 1. z and w are float32 for a bfloat16 x too.
@@ -659,6 +659,59 @@ def test_step_kernel_zero_weights_keep_z_and_vmap(dtype):
         np.testing.assert_allclose(got_z[b], want_z, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got_sq[b], want_sq, rtol=1e-5)
     np.testing.assert_array_equal(got_z[1], z[1])
+
+
+@X_DTYPES
+def test_step_kernel_passes_of_every_width_and_the_empty_centre(dtype):
+    # m = 0 to 16 rows of nonzero weight: every pass width (1 to 8 rows) and
+    # every way of sharing m between passes; an empty z stands for zeros (the
+    # rules' weighted sums), also under vmap.
+    rng = np.random.default_rng(11)
+    n, d = 18, 37
+    x, z = _inputs(12, n, d, 2, dtype)
+    x64 = _wide(x)
+    finite = np.flatnonzero(np.isfinite(x64).all(1) & (np.abs(x64) < 1e30).all(1))
+    empty = jnp.zeros((0,), jnp.float32)
+    step = jax.jit(_native.step_sq_dists)
+    summed = jax.jit(lambda x, w: _native.step_sq_dists(x, empty, w, False))
+    ws = []
+    for m in range(len(finite) + 1):
+        w = np.zeros(n, np.float32)
+        w[rng.permutation(finite)[:m]] = rng.uniform(-1.0, 1.0, m)
+        ws.append(w)
+        want_z, want_sq = _want_step(x64, z, w)
+        got_z, got_sq = step(x, z, w)
+        np.testing.assert_allclose(got_z, want_z, rtol=1e-5, atol=1e-5)
+        ok = np.isfinite(want_sq) & (want_sq < 1e38)
+        np.testing.assert_allclose(np.asarray(got_sq)[ok], want_sq[ok], rtol=1e-5)
+        got_sum, no_sq = summed(x, w)
+        assert got_sum.shape == (d,) and not np.asarray(no_sq).any()
+        want_sum = _want_step(x64, np.zeros(d), w)[0]
+        np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5, atol=1e-5)
+    batched = jax.jit(jax.vmap(summed, in_axes=(None, 0)))(x, np.stack(ws))[0]
+    for got, w in zip(np.asarray(batched), ws, strict=True):
+        want = _want_step(x64, np.zeros(d), w)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_step_kernel_with_the_empty_centre_differentiates_as_with_zeros():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(7, 19)).astype(np.float32)
+    w = rng.uniform(size=7).astype(np.float32)
+    w[3] = 0.0
+    cz, cs = rng.normal(size=19), rng.normal(size=7)
+
+    def loss(z):
+        def f(x, w):
+            moved, sq = _native.step_sq_dists(x, z, w)
+            return moved @ cz + sq @ cs
+
+        return f
+
+    got = jax.grad(loss(jnp.zeros((0,), jnp.float32)), (0, 1))(x, w)
+    want = jax.grad(loss(jnp.zeros(19, jnp.float32)), (0, 1))(x, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_step_kernel_differentiates_like_its_formula():

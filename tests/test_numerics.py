@@ -491,9 +491,14 @@ def test_row_helpers_match_numpy(n):
     np.testing.assert_allclose(total, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
 @pytest.mark.parametrize("broken", [0, 1, 3])
-def test_weighted_row_sum_drops_rows_exactly_on_both_branches(broken):
-    # broken = 0 takes the matrix-vector product, otherwise the row-by-row branch.
+def test_weighted_row_sum_drops_rows_exactly_on_both_branches(
+    broken, native, monkeypatch
+):
+    # Off the kernels broken = 0 takes the matrix-vector product, otherwise the
+    # row-by-row branch; through them the step kernel skips the dropped rows.
+    monkeypatch.setenv("BYZJAX_NATIVE", native)
     rng = np.random.default_rng(broken)
     n = 9
     x = rng.normal(size=(n, 23)).astype(np.float32)
@@ -502,10 +507,32 @@ def test_weighted_row_sum_drops_rows_exactly_on_both_branches(broken):
     for r, value in zip(range(broken), [np.nan, np.inf, -np.inf], strict=False):
         x[2 * r + 1] = value
         keep[2 * r + 1] = False
-    got = np.asarray(jax.jit(nm.weighted_row_sum)(w, x, keep), np.float64)
+    got = jax.jit(lambda *a: nm.weighted_row_sum(*a))(w, x, keep)
+    got = np.asarray(got, np.float64)
     want = (w[keep, None].astype(np.float64) * x[keep].astype(np.float64)).sum(0)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_row_sum_reads_x_once_under_vmap():
+    # Sweeps vmap the rules (centered clipping, Multi-Krum, the geometric
+    # median): a cond of a product and the row-by-row form would run both there.
+    if not nm.kernel_rows(jnp.ones((2, 2), jnp.float32)):
+        pytest.skip("the CPU kernels are off")
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(3, 9, 23)).astype(np.float32)
+    w = rng.uniform(0.1, 2.0, size=(3, 9)).astype(np.float32)
+    keep = np.ones((3, 9), bool)
+    x[1, 4], keep[1, 4] = np.nan, False
+    fn = jax.jit(jax.vmap(nm.weighted_row_sum))
+    got = np.asarray(fn(w, x, keep), np.float64)
+    for b in range(3):
+        k = keep[b]
+        want = (w[b, k, None].astype(np.float64) * x[b, k].astype(np.float64)).sum(0)
+        np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-5)
+    hlo = fn.lower(w, x, keep).compile().as_text()
+    assert hlo.count('custom_call_target="byzjax_step_sq_dists"') == 1
+    assert " dot(" not in hlo and "conditional(" not in hlo
 
 
 @pytest.mark.parametrize("native", ["1", "0"])

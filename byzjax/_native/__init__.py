@@ -226,12 +226,13 @@ def step_sq_dists(
 
     z' = z (1 - sum_i w_i) + sum_{i: w_i != 0} w_i x_i (a row of weight 0 adds
     nothing, even if it is not finite) and r_i = ||x_i - z'||^2 (zeros when not
-    `distances`). z (..., d) and w (..., n) are float32, and so are the results.
-    Returns (z', r).
+    `distances`). z (..., d) and w (..., n) are float32, and so are the results;
+    an empty z (shape (0,)) stands for zeros and is not read (z' is then the
+    rows' weighted sum). Returns (z', r).
     """
     target = _distance_target("step_sq_dists", x, z=z, w=w)
     out = (
-        jax.ShapeDtypeStruct(z.shape, jnp.float32),
+        jax.ShapeDtypeStruct(x.shape[:-2] + x.shape[-1:], jnp.float32),
         jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32),
     )
     call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
@@ -246,6 +247,8 @@ def _step_jvp(distances, primals, tangents):
     (x, z, w), (dx, dz, dw) = primals, tangents
     hi = lax.Precision.HIGHEST
     zn, r = step_sq_dists(x, z, w, distances)
+    if z.shape[-1] == 0 and x.shape[-1] != 0:  # the empty z: zeros
+        z = dz = jnp.zeros(zn.shape, jnp.float32)
     x, dx = x.astype(jnp.float32), dx.astype(jnp.float32)
     on = (w != 0)[..., None]
     xs, dxs = jnp.where(on, x, 0.0), jnp.where(on, dx, 0.0)

@@ -991,17 +991,46 @@ int64_t step_block_columns(int64_t n) {
   return std::clamp<int64_t>(b, 256, 2048);
 }
 
-// out += sum_r w[r] * rows[r] over `len` columns, R rows per pass over out.
-template <typename T, int R>
-void add_weighted(float* out, const T* const* rows, const float* w, int64_t len) {
+// out += sum_r w[r] * rows[r] over `len` columns, R rows per pass over out; the
+// first pass (First) writes out = keep * z + ... instead, z null for zero, so out
+// is not read before it is written.
+template <typename T, int R, bool First>
+void add_weighted(float* out, const float* z, float keep, const T* const* rows,
+                  const float* w, int64_t len) {
+  auto start = [&](int64_t k) -> v8 {
+    if constexpr (!First) return load8(out + k);
+    if (z == nullptr) return v8{};
+    return keep * load8(z + k);
+  };
   int64_t k = 0;
   for (; k + 8 <= len; k += 8) {
-    v8 s = load8(out + k);
+    v8 s = start(k);
     for (int r = 0; r < R; ++r) s += w[r] * load_row(rows[r] + k);
     std::memcpy(out + k, &s, sizeof(s));
   }
   for (; k < len; ++k) {
-    for (int r = 0; r < R; ++r) out[k] += w[r] * to_float(rows[r][k]);
+    float s = First ? (z == nullptr ? 0.0f : keep * z[k]) : out[k];
+    for (int r = 0; r < R; ++r) s += w[r] * to_float(rows[r][k]);
+    out[k] = s;
+  }
+}
+
+// One pass of r <= kWeightedRows rows (`add_weighted` with R = r).
+constexpr int kWeightedRows = 8;
+
+template <typename T, bool First>
+void weighted_pass(float* out, const float* z, float keep, const T* const* rows,
+                   const float* w, int r, int64_t len) {
+  switch (r) {
+    case 0: return add_weighted<T, 0, First>(out, z, keep, rows, w, len);
+    case 1: return add_weighted<T, 1, First>(out, z, keep, rows, w, len);
+    case 2: return add_weighted<T, 2, First>(out, z, keep, rows, w, len);
+    case 3: return add_weighted<T, 3, First>(out, z, keep, rows, w, len);
+    case 4: return add_weighted<T, 4, First>(out, z, keep, rows, w, len);
+    case 5: return add_weighted<T, 5, First>(out, z, keep, rows, w, len);
+    case 6: return add_weighted<T, 6, First>(out, z, keep, rows, w, len);
+    case 7: return add_weighted<T, 7, First>(out, z, keep, rows, w, len);
+    default: return add_weighted<T, kWeightedRows, First>(out, z, keep, rows, w, len);
   }
 }
 
@@ -1010,27 +1039,34 @@ void step_range(const T* x, const float* z, const float* w, float keep,
                 const std::vector<int64_t>& active, int64_t n, int64_t d,
                 int64_t lo, int64_t hi, bool distances, float* zout, double* acc) {
   // Without the distances nothing is read again from cache: the rows in long
-  // runs (the same sums, column by column). Alternated as `kRowStreams`, the
-  // step of (25 | 100, 1e6) took 0.96-1.01 | 0.94-1.00 reads against
-  // 1.11-1.14 | 1.09-1.19 in the distances' blocks.
-  const int64_t block = distances ? step_block_columns(n) : kRunColumns;
+  // runs (131,072 columns, 512 KB of z' in L2), the same number of rows in each
+  // pass over z', at most 8 (25 rows: 7, 6, 6 and 6, no pass for one row), the
+  // first pass writing z' without reading it. Alternated in one process with
+  // `w @ x` (XLA's 8-row passes over 125,000 columns) on the Zen 4, against
+  // 4-row passes over 32,768 columns: at (25 | 100, 1e6) float32 1.10-1.33 |
+  // 1.03-1.09 reads against 1.20-1.25 | 1.13-1.18, bfloat16 0.85-0.90 of the
+  // time.
+  const int64_t block = distances ? step_block_columns(n) : 4 * kRunColumns;
+  const int64_t m = static_cast<int64_t>(active.size());
+  const int64_t passes = std::max<int64_t>(1, (m + kWeightedRows - 1) / kWeightedRows);
   for (int64_t k0 = lo; k0 < hi; k0 += block) {
     const int64_t len = std::min(hi, k0 + block) - k0;
     float* out = zout + k0;
-    for (int64_t k = 0; k < len; ++k) out[k] = z[k0 + k] * keep;
-    size_t a = 0;
-    for (; a + 4 <= active.size(); a += 4) {
-      const T* rows[4];
-      float ws[4];
-      for (int r = 0; r < 4; ++r) {
-        rows[r] = x + active[a + r] * d + k0;
-        ws[r] = w[active[a + r]];
+    const float* zk = z == nullptr ? nullptr : z + k0;
+    for (int64_t p = 0, a = 0; p < passes; ++p) {
+      const int r = static_cast<int>((m - a) / (passes - p));  // rows left, shared
+      const T* rows[kWeightedRows];
+      float ws[kWeightedRows];
+      for (int i = 0; i < r; ++i) {
+        rows[i] = x + active[a + i] * d + k0;
+        ws[i] = w[active[a + i]];
       }
-      add_weighted<T, 4>(out, rows, ws, len);
-    }
-    for (; a < active.size(); ++a) {
-      const T* row[1] = {x + active[a] * d + k0};
-      add_weighted<T, 1>(out, row, &w[active[a]], len);
+      if (p == 0) {
+        weighted_pass<T, true>(out, zk, keep, rows, ws, r, len);
+      } else {
+        weighted_pass<T, false>(out, zk, keep, rows, ws, r, len);
+      }
+      a += r;
     }
     if (distances) row_range(x, zout, n, d, k0, k0 + len, acc);
   }
@@ -1046,15 +1082,17 @@ ffi::Error StepSqDistsImpl(ffi::ThreadPool pool, ffi::Buffer<DT> x,
     return ffi::Error::InvalidArgument("step_sq_dists: x must be (..., n, d)");
   }
   const int64_t n = shape.n, d = shape.d, batch = shape.batch;
-  if (z.element_count() * n != x.element_count() ||
+  // An empty z stands for zeros (a weighted sum of the rows), not read.
+  const bool zeros = z.element_count() == 0;
+  if ((!zeros && z.element_count() * n != x.element_count()) ||
       w.element_count() * d != x.element_count()) {
-    return ffi::Error::InvalidArgument("step_sq_dists: z (..., d), w (..., n)");
+    return ffi::Error::InvalidArgument("step_sq_dists: z (..., d) or (0,), w (..., n)");
   }
   const int threads = thread_count(static_cast<double>(n) * d);
   using T = ffi::NativeType<DT>;
   for (int64_t b = 0; b < batch; ++b) {
     const T* xb = x.typed_data() + b * n * d;
-    const float* zb = z.typed_data() + b * d;
+    const float* zb = zeros ? nullptr : z.typed_data() + b * d;
     const float* wb = w.typed_data() + b * n;
     std::vector<int64_t> active;
     double wsum = 0.0;
@@ -1271,28 +1309,24 @@ int64_t add_passes(float* acc, const T* x, int64_t n, int64_t d, int64_t k0,
 
 template <typename T, int Mode>
 void rows_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out) {
-  // 16,384 columns: each row is read in long runs that the prefetchers stream
-  // (2,048 were slower at (25, 1e6)); the 64 KB of sums stay in L2, with 8 lanes
-  // of padding for the column tail.
-  constexpr int64_t kBlock = 16384;
+  // 65,536 columns: each row is read in long runs that the prefetchers stream
+  // (2,048 were slower at (25, 1e6)); the 256 KB of sums stay in L2, with 8 lanes
+  // of padding for the column tail. Rows 8 a pass: half the passes over the
+  // sums. Alternated in one process with `w @ x` (XLA's 8-row passes over
+  // 125,000 columns) on the Zen 4 (session 34), against 4 float32 rows a pass
+  // over 16,384 columns: the mean of (25 | 100, 1e6) float32 1.00-1.03 | 1.09-1.10
+  // reads where the memory ran fast, against 1.17-1.35 | 1.15-1.22 (the same
+  // where it ran slow); bfloat16 (8 rows a pass before) 0.73-0.92 the time.
+  // Earlier, bfloat16 alone, in alternated processes: the votes (`votes32`) 8
+  // rows a pass against 4, at (25 | 100, 1e6) 0.73-0.76 and 0.84-0.90 the time
+  // (Zen 4); the mean on the Xeon of model 167 (session 30), at (25, 1e6)
+  // 1.29-1.34 reads of its bytes against 1.46-1.56.
+  constexpr int64_t kBlock = 65536;
   std::vector<float> acc(kBlock + 8);
   for (int64_t k0 = lo; k0 < hi; k0 += kBlock) {
     const int64_t len = std::min(hi, k0 + kBlock) - k0;
     std::fill(acc.begin(), acc.end(), 0.0f);  // 0.0f and int32 0: the same bits
-    int64_t i = 0;
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      // bfloat16 rows 8 a pass: half the passes over the sums, where each pass
-      // reads half the bytes of float32's. The votes (`votes32`), against the
-      // votes of rows widened to float32, 4 rows a pass, in alternated
-      // processes (AMD Zen 4): at (25 | 100, 1e5) 0.75 and 0.60-0.66 the time
-      // (`votes32` 4 rows a pass: 0.79-0.84 and 0.67-0.79), at (25 | 100, 1e6)
-      // 0.73-0.76 and 0.84-0.90 (0.76-0.89 and 0.89-0.97). The mean, against 4
-      // rows a pass, alternated processes on the Xeon of model 167 (session 30):
-      // at (25, 1e6) 1.29-1.34 reads of its bytes against 1.46-1.56, at (100,
-      // 1e6) 0.93-0.97 the time, at (25, 1e5) 0.88-0.94; on the Zen 4 (session
-      // 29) 0.64-1.05 over 8 pairs of processes, 4 of them above 1.
-      i = add_passes<T, Mode, 8>(acc.data(), x, n, d, k0, len, i);
-    }
+    int64_t i = add_passes<T, Mode, 8>(acc.data(), x, n, d, k0, len, 0);
     i = add_passes<T, Mode, 4>(acc.data(), x, n, d, k0, len, i);
     add_passes<T, Mode, 1>(acc.data(), x, n, d, k0, len, i);
     for (int64_t k = 0; k < len; k += 8) {

@@ -150,8 +150,9 @@ def centered_clipping(
 
         def step(_, v):
             # Two reads of x, no (n, d) temporary: the distances (`row_sq_dists`),
-            # then sum_i s_i (x_i - v) as one matrix-vector product. Its rounding,
-            # eps * ||v|| per coordinate, is that of the output v + moved / n itself.
+            # then sum_i s_i (x_i - v) as one weighted sum of the rows
+            # (`weighted_row_sum`). Its rounding, eps * ||v|| per coordinate, is
+            # that of the output v + moved / n itself.
             scale, broken = factors(row_sq_dists(x, v))
             moved = weighted_row_sum(scale, x, ~broken) - scale.sum() * v
             return v + moved / n
