@@ -169,6 +169,15 @@ def native_pairs(f: int):
             "CPU kernel (long runs per row) vs XLA's fused row additions",
         ),
         (
+            "weighted row sum, kernel",
+            lambda x, v: _native.step_sq_dists(
+                x, jnp.zeros((0,), jnp.float32), _step_weights(x, v), False
+            )[0],
+            lambda x, v: jnp.matmul(_step_weights(x, v), x, precision=HIGHEST),
+            "CPU kernel (rows of weight 0 skipped, one read under vmap)"
+            " vs XLA's product",
+        ),
+        (
             "reweighting step, kernel",
             lambda x, v: _native.step_sq_dists(x, v, _step_weights(x, v)),
             _step_plain,

@@ -223,8 +223,10 @@ def geometric_median(
                 scale = coordinate_median(size[:, None])[0]
                 floor = floor * jnp.maximum(1.0, scale)
             w, ok = gram_steps(g, init, floor, iterations)
+            # The zero and mean starts' sum from no centre: an empty z, not read.
+            centre = jnp.zeros((0,), jnp.float32) if z0 is None else z0
+            z = _native.step_sq_dists(x, centre, w, False)[0]
             start = jnp.zeros(x.shape[1], jnp.float32) if z0 is None else z0
-            z = _native.step_sq_dists(x, start, w, False)[0]
 
             def fallback(_, x, floor, start):
                 # start is z_0 already, but for the mean start (its w_0 is in w).
