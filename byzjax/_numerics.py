@@ -226,7 +226,7 @@ def weighted_row_sum(w: jax.Array, x: jax.Array, keep: jax.Array) -> jax.Array:
 
     Through the CPU kernels in one read of x whatever keep is (`step_sq_dists`,
     a row of weight 0 skipped, the zero centre not read): alternated in one
-    process on the Zen 4 (session 34), 0.99-1.00 the time of XLA's product
+    process on the Zen 4 (session 34), 0.97-1.02 the time of XLA's product
     `w @ x` at (25 | 100, 1e6) float32. It was `lax.cond(all(keep), product,
     rows)`, which `jax.vmap` (sweeps) turns into a select of both sides: centered
     clipping at (25, 1e6) vmapped over 4 inputs took 1.46x their calls one by

@@ -1042,10 +1042,10 @@ void step_range(const T* x, const float* z, const float* w, float keep,
   // runs (131,072 columns, 512 KB of z' in L2), the same number of rows in each
   // pass over z', at most 8 (25 rows: 7, 6, 6 and 6, no pass for one row), the
   // first pass writing z' without reading it. Alternated in one process with
-  // `w @ x` (XLA's 8-row passes over 125,000 columns) on the Zen 4, against
-  // 4-row passes over 32,768 columns: at (25 | 100, 1e6) float32 1.10-1.33 |
-  // 1.03-1.09 reads against 1.20-1.25 | 1.13-1.18, bfloat16 0.85-0.90 of the
-  // time.
+  // `w @ x` (XLA's 8-row passes over 125,000 columns) on the Zen 4 (session
+  // 34), the weighted sum (an empty z) at (25 | 100, 1e6) float32 took 0.97-1.00
+  // | 1.00-1.02 reads, against 1.10-1.47 | 1.11-1.18 in 4-row passes over 32,768
+  // columns after a pass writing z' = z of zeros; bfloat16 0.75-0.79 the time.
   const int64_t block = distances ? step_block_columns(n) : 4 * kRunColumns;
   const int64_t m = static_cast<int64_t>(active.size());
   const int64_t passes = std::max<int64_t>(1, (m + kWeightedRows - 1) / kWeightedRows);
@@ -1314,9 +1314,9 @@ void rows_range(const T* x, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out
   // of padding for the column tail. Rows 8 a pass: half the passes over the
   // sums. Alternated in one process with `w @ x` (XLA's 8-row passes over
   // 125,000 columns) on the Zen 4 (session 34), against 4 float32 rows a pass
-  // over 16,384 columns: the mean of (25 | 100, 1e6) float32 1.00-1.03 | 1.09-1.10
-  // reads where the memory ran fast, against 1.17-1.35 | 1.15-1.22 (the same
-  // where it ran slow); bfloat16 (8 rows a pass before) 0.73-0.92 the time.
+  // over 16,384 columns: the mean of (25 | 100, 1e6) float32 0.96-1.03 |
+  // 1.01-1.11 reads against 1.04-1.35 | 1.03-1.22; bfloat16 (8 rows a pass
+  // before) 0.88-0.93 the time.
   // Earlier, bfloat16 alone, in alternated processes: the votes (`votes32`) 8
   // rows a pass against 4, at (25 | 100, 1e6) 0.73-0.76 and 0.84-0.90 the time
   // (Zen 4); the mean on the Xeon of model 167 (session 30), at (25, 1e6)
