@@ -226,13 +226,14 @@ def geometric_median(
             # The zero and mean starts' sum from no centre: an empty z, not read.
             centre = jnp.zeros((0,), jnp.float32) if z0 is None else z0
             z = _native.step_sq_dists(x, centre, w, False)[0]
-            start = jnp.zeros(x.shape[1], jnp.float32) if z0 is None else z0
 
-            def fallback(_, x, floor, start):
-                # start is z_0 already, but for the mean start (its w_0 is in w).
-                return direct(x, floor, _start(x, init) if init == "mean" else start)
+            def fallback(_, x, floor, centre):
+                # The median start is z_0, the centre; the zero and mean starts
+                # are made here, where the fallback runs (no (d,) zeros written
+                # for a loop that does not).
+                return direct(x, floor, centre if z0 is not None else _start(x, init))
 
-            return patch_if(~ok, fallback, z, x, floor, start)
+            return patch_if(~ok, fallback, z, x, floor, centre)
         if relative_nu:
             scale = coordinate_median(norms(x)[:, None])[0]
             floor = floor * jnp.maximum(1.0, scale)
